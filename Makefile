@@ -1,0 +1,87 @@
+# llmproxy: every target installs what it needs first, so a fresh machine needs only `make run`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+GEN := gen
+PROTOS := $(wildcard protos/llmproxy/v1/*.proto)
+GRPC_ADDR ?= 127.0.0.1:50051
+BRIDGE_HOST ?= 127.0.0.1
+BRIDGE_PORT ?= 8765
+APT_PACKAGES := chromium redis-server
+NPM_DIR := clients/js
+
+.PHONY: install install-test protos run test test-unit test-integration bench typecheck clean
+
+## install: virtual environment, Python packages, generated stubs.
+install: $(VENV)/.stamp-install
+
+$(VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	touch $@
+
+# Stubs are generated from protos/ into gen/ (not committed); `make protos` reproduces them.
+protos: $(GEN)/.stamp-protos
+
+$(GEN)/.stamp-protos: $(PROTOS) $(VENV)/.stamp-venv
+	$(PIP) install --quiet "grpcio-tools>=1.62"
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --pyi_out=$(GEN) \
+	    --grpc_python_out=$(GEN) $(PROTOS)
+	touch $(GEN)/llmproxy/__init__.py $(GEN)/llmproxy/v1/__init__.py $(GEN)/llmproxy/py.typed
+	touch $@
+
+$(VENV)/.stamp-install: pyproject.toml $(GEN)/.stamp-protos
+	$(PIP) install --quiet -e .
+	touch $@
+
+## install-test: test extras, Debian packages (Chromium, Redis) and npm packages.
+install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-install
+	$(PIP) install --quiet -e '.[test]'
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	touch $@
+
+$(NPM_DIR)/node_modules/.stamp: $(NPM_DIR)/package.json
+	cd $(NPM_DIR) && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream).
+run: install
+	@set -u; \
+	$(PY) -m server.main --listen $(GRPC_ADDR) & srv=$$!; \
+	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) & brg=$$!; \
+	trap 'kill -TERM $$srv $$brg 2>/dev/null; wait $$srv $$brg' INT TERM; \
+	echo "llmproxy: gRPC   $(GRPC_ADDR)  (grpcurl -plaintext $(GRPC_ADDR) list)"; \
+	echo "llmproxy: stream ws://$(BRIDGE_HOST):$(BRIDGE_PORT)/stream"; \
+	echo "llmproxy: chat   http://$(BRIDGE_HOST):$(BRIDGE_PORT)/"; \
+	echo "llmproxy: Ctrl-C stops both"; \
+	wait -n $$srv $$brg; kill -TERM $$srv $$brg 2>/dev/null; wait
+
+## test: unit and integration tests (the README's test command).
+test: install-test
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: install-test
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install-test
+	$(PY) -m pytest -q tests/integration
+
+typecheck: install-test
+	$(PY) -m mypy
+
+## bench: the chain against a direct read, side by side; table on stdout, JSON in bench/results/.
+bench: install-test
+	$(PY) -m bench.run --out bench/results
+
+clean:
+	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

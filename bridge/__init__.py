@@ -1,0 +1,1 @@
+"""The WebSocket bridge: browser JSON frames <-> one gRPC bidi call per connection."""

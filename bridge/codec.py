@@ -1,0 +1,381 @@
+"""The bridge's one JSON codec: browser JSON frames <-> llmproxy.v1 protos.
+
+Client frames (docs/protocol.md has an example of each):
+    {"type": "start", "id": "s1", "model": "demo", "messages": [...], ...}
+    {"model": "demo", "messages": [...], "stream": true}      the bare form: a start
+    {"type": "cancel", "id": "s1"}
+    {"type": "ping", "nonce": 7}
+
+Every server frame is one JSON object with `type`, and also `token` (the text of a token frame,
+"" on every other frame) and `latency` ("12ms": time since the stream's previous token, or since
+its start for the first), so a client that only reads `data.token` renders exactly the answer.
+
+Decoding validates types strictly and names the offending field: a field of the wrong type or
+an unknown field is an error, never silently dropped. Encoding writes each frame once with
+orjson, straight from the proto fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from llmproxy.v1 import llmproxy_pb2 as pb
+from server.errors import Code
+
+_START_FIELDS = frozenset(
+    {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice"}
+)
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
+
+FINISH_NAMES: dict[int, str] = {
+    v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in pb.FinishReason.DESCRIPTOR.values
+}
+CODE_NAMES: dict[int, str] = {v.number: v.name.removeprefix("ERROR_CODE_").lower() for v in pb.ErrorCode.DESCRIPTOR.values}
+
+
+class FrameError(Exception):
+    """A client frame that cannot be turned into a proto: answered with an error frame."""
+
+    def __init__(self, code: Code, message: str, stream_id: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.stream_id = stream_id
+
+
+# -- client JSON -> proto ------------------------------------------------------------------------
+
+
+def decode_client_frame(data: str | bytes, max_bytes: int) -> pb.ClientFrame:
+    """Parses one WebSocket message. Raises `FrameError` with a typed code."""
+    if isinstance(data, bytes):
+        raise FrameError(Code.MALFORMED_FRAME, "binary frames are not accepted; send JSON as text frames")
+    if len(data) > max_bytes:  # characters <= bytes, so this check is never too strict
+        raise FrameError(Code.FRAME_TOO_LARGE, f"frame larger than {max_bytes} bytes")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(Code.MALFORMED_FRAME, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(obj, dict):
+        raise FrameError(Code.MALFORMED_FRAME, "a frame must be a JSON object")
+    kind = obj.get("type")
+    stream_id = obj.get("id", "")
+    if not isinstance(stream_id, str):
+        raise FrameError(Code.INVALID_REQUEST, "id must be a string")
+    if kind is None and "messages" in obj:
+        kind = "start"  # the bare OpenAI-style request
+    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
+    if decoder is None:
+        raise FrameError(
+            Code.UNKNOWN_FRAME_TYPE, f"unknown frame type {kind!r}; expected start, cancel or ping", stream_id
+        )
+    try:
+        return decoder(obj, stream_id)
+    except FrameError as exc:
+        exc.stream_id = stream_id
+        raise
+
+
+def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
+    unknown = obj.keys() - _START_FIELDS
+    if unknown:
+        raise FrameError(Code.INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in start frame")
+    if obj.get("stream", True) is not True:
+        raise FrameError(Code.INVALID_REQUEST, "stream must be true: llmproxy only streams")
+    start = pb.StartStream(stream_id=stream_id, model=_str(obj, "model", required=True))
+    messages = obj.get("messages")
+    if not isinstance(messages, list):
+        raise FrameError(Code.INVALID_REQUEST, "messages must be a list of message objects")
+    for i, m in enumerate(messages):
+        _message(start.messages.add(), m, i)
+    params = start.params
+    if (v := _number(obj, "temperature")) is not None:
+        params.temperature = v
+    if (v := _number(obj, "top_p")) is not None:
+        params.top_p = v
+    if (n := _int(obj, "max_tokens")) is not None:
+        if not 0 < n < 2**32:
+            raise FrameError(Code.INVALID_REQUEST, "max_tokens must be a positive integer")
+        params.max_tokens = n
+    if (n := _int(obj, "seed")) is not None:
+        if not -(2**63) <= n < 2**63:
+            raise FrameError(Code.INVALID_REQUEST, "seed must fit in 64 bits")
+        params.seed = n
+    stop = obj.get("stop")
+    if isinstance(stop, str):
+        params.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        params.stop.extend(stop)
+    elif stop is not None:
+        raise FrameError(Code.INVALID_REQUEST, "stop must be a string or a list of strings")
+    tools = obj.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise FrameError(Code.INVALID_REQUEST, "tools must be a list")
+        for i, t in enumerate(tools):
+            _tool(start.tools.add(), t, i)
+    choice = obj.get("tool_choice")
+    if isinstance(choice, str):
+        start.tool_choice = choice
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+            raise FrameError(Code.INVALID_REQUEST, "tool_choice object must be {type: function, function: {name}}")
+        start.tool_choice = fn["name"]
+    elif choice is not None:
+        raise FrameError(Code.INVALID_REQUEST, "tool_choice must be a string or an object")
+    return pb.ClientFrame(start=start)
+
+
+def _message(out: pb.ChatMessage, m: object, i: int) -> None:
+    if not isinstance(m, dict):
+        raise FrameError(Code.INVALID_REQUEST, f"messages[{i}] must be an object")
+    unknown = m.keys() - _MESSAGE_FIELDS
+    if unknown:
+        raise FrameError(Code.INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in messages[{i}]")
+    out.role = _str(m, "role", required=True, where=f"messages[{i}].")
+    content = m.get("content")
+    if isinstance(content, str):
+        out.content = content
+    elif isinstance(content, list):  # OpenAI content parts: only text parts are supported
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].content parts must be text parts")
+            texts.append(part["text"])
+        out.content = "".join(texts)
+    elif content is not None:
+        raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].content must be a string")
+    out.name = _str(m, "name", where=f"messages[{i}].")
+    out.tool_call_id = _str(m, "tool_call_id", where=f"messages[{i}].")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].tool_calls must be a list")
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not (
+                isinstance(fn, dict)
+                and isinstance(call.get("id"), str)
+                and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("arguments", ""), str)
+            ):
+                raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].tool_calls entries need id, function.name, function.arguments")
+            out.tool_calls.add(id=call["id"], name=fn["name"], arguments=fn.get("arguments", ""))
+
+
+def _tool(out: pb.ToolDefinition, t: object, i: int) -> None:
+    fn = t.get("function") if isinstance(t, dict) else None
+    if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict)):
+        raise FrameError(Code.INVALID_REQUEST, f"tools[{i}] must be {{type: function, function: {{...}}}}")
+    out.name = _str(fn, "name", required=True, where=f"tools[{i}].function.")
+    out.description = _str(fn, "description", where=f"tools[{i}].function.")
+    params = fn.get("parameters", {})
+    if not isinstance(params, dict):
+        raise FrameError(Code.INVALID_REQUEST, f"tools[{i}].function.parameters must be an object")
+    out.parameters_json = orjson.dumps(params).decode()
+
+
+def _cancel(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
+    if not stream_id:
+        raise FrameError(Code.INVALID_REQUEST, "cancel needs the id of the stream")
+    return pb.ClientFrame(cancel=pb.CancelStream(stream_id=stream_id))
+
+
+def _ping(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
+    nonce = _int(obj, "nonce")
+    if nonce is not None and not 0 <= nonce < 2**64:
+        raise FrameError(Code.INVALID_REQUEST, "nonce must be a non-negative 64-bit integer")
+    return pb.ClientFrame(ping=pb.Ping(nonce=nonce or 0))
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any], str], pb.ClientFrame]] = {
+    "start": _start,
+    "cancel": _cancel,
+    "ping": _ping,
+}
+
+
+def _str(obj: dict[str, Any], key: str, *, required: bool = False, where: str = "") -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise FrameError(Code.INVALID_REQUEST, f"{where}{key} is required")
+        return ""
+    if not isinstance(value, str):
+        raise FrameError(Code.INVALID_REQUEST, f"{where}{key} must be a string")
+    return value
+
+
+def _number(obj: dict[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FrameError(Code.INVALID_REQUEST, f"{key} must be a number")
+    return float(value)
+
+
+def _int(obj: dict[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FrameError(Code.INVALID_REQUEST, f"{key} must be an integer")
+    return value
+
+
+# -- proto -> server JSON ------------------------------------------------------------------------
+
+
+def _latency(us: int) -> str:
+    return f"{(us + 500) // 1000}ms"
+
+
+def _ms(us: int) -> float:
+    return round(us / 1000, 3)
+
+
+def _usage(u: pb.Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens}
+
+
+def _timing(t: pb.Timing) -> dict[str, float | int]:
+    return {
+        "ttft_ms": _ms(t.ttft_us),
+        "total_ms": _ms(t.total_us),
+        "tokens": t.tokens,
+        "tokens_per_s": round(t.tokens_per_s, 2),
+        "itl_p50_ms": _ms(t.itl_p50_us),
+        "itl_p95_ms": _ms(t.itl_p95_us),
+        "itl_p99_ms": _ms(t.itl_p99_us),
+        "itl_max_ms": _ms(t.itl_max_us),
+    }
+
+
+def _enc_token(f: pb.ServerFrame) -> bytes:
+    t = f.token
+    if t.count > 1:
+        return orjson.dumps(
+            {"type": "token", "id": t.stream_id, "seq": t.seq, "token": t.text, "latency": _latency(t.latency_us), "count": t.count}
+        )
+    return orjson.dumps({"type": "token", "id": t.stream_id, "seq": t.seq, "token": t.text, "latency": _latency(t.latency_us)})
+
+
+def _enc_started(f: pb.ServerFrame) -> bytes:
+    s = f.started
+    return orjson.dumps(
+        {
+            "type": "started",
+            "id": s.stream_id,
+            "seq": s.seq,
+            "model": s.model,
+            "provider": s.provider,
+            "upstream_model": s.upstream_model,
+            "deployment": s.deployment,
+            "token": "",
+            "latency": _latency(s.latency_us),
+        }
+    )
+
+
+def _enc_done(f: pb.ServerFrame) -> bytes:
+    d = f.done
+    return orjson.dumps(
+        {
+            "type": "done",
+            "id": d.stream_id,
+            "seq": d.seq,
+            "finish_reason": FINISH_NAMES[d.finish_reason],
+            "usage": _usage(d.usage),
+            "timing": _timing(d.timing),
+            "deployment": d.deployment,
+            "token": "",
+            "latency": _latency(d.latency_us),
+        }
+    )
+
+
+def _enc_error(f: pb.ServerFrame) -> bytes:
+    e = f.error
+    out: dict[str, Any] = {
+        "type": "error",
+        "id": e.stream_id,
+        "seq": e.seq,
+        "code": CODE_NAMES[e.code],
+        "message": e.message,
+        "retryable": e.retryable,
+        "token": "",
+        "latency": _latency(e.latency_us),
+    }
+    if e.retry_after_ms:
+        out["retry_after_ms"] = e.retry_after_ms
+    if e.seq:  # the error ended a stream: say how far it got
+        out["usage"] = _usage(e.usage)
+        out["timing"] = _timing(e.timing)
+        out["deployment"] = e.deployment
+    return orjson.dumps(out)
+
+
+def _enc_pong(f: pb.ServerFrame) -> bytes:
+    p = f.pong
+    return orjson.dumps({"type": "pong", "nonce": p.nonce, "server_time_us": p.server_time_us, "token": "", "latency": "0ms"})
+
+
+def _enc_tool_call(f: pb.ServerFrame) -> bytes:
+    c = f.tool_call
+    return orjson.dumps(
+        {
+            "type": "tool_call",
+            "id": c.stream_id,
+            "seq": c.seq,
+            "index": c.index,
+            "call_id": c.id,
+            "name": c.name,
+            "arguments": c.arguments,
+            "token": "",
+            "latency": _latency(c.latency_us),
+        }
+    )
+
+
+def _enc_reasoning(f: pb.ServerFrame) -> bytes:
+    r = f.reasoning
+    return orjson.dumps(
+        {"type": "reasoning", "id": r.stream_id, "seq": r.seq, "text": r.text, "token": "", "latency": _latency(r.latency_us)}
+    )
+
+
+_ENCODERS: dict[str, Callable[[pb.ServerFrame], bytes]] = {
+    "token": _enc_token,
+    "started": _enc_started,
+    "done": _enc_done,
+    "error": _enc_error,
+    "pong": _enc_pong,
+    "tool_call": _enc_tool_call,
+    "reasoning": _enc_reasoning,
+}
+
+
+def encode_server_frame(frame: pb.ServerFrame) -> bytes:
+    """One server frame as UTF-8 JSON (sent as a text frame)."""
+    return _ENCODERS[frame.WhichOneof("kind")](frame)  # type: ignore[index]
+
+
+def encode_error(code: Code, message: str, stream_id: str = "") -> bytes:
+    """An error frame made by the bridge itself (a rejected frame: `seq` 0)."""
+    return orjson.dumps(
+        {
+            "type": "error",
+            "id": stream_id,
+            "seq": 0,
+            "code": code.value,
+            "message": message,
+            "retryable": False,
+            "token": "",
+            "latency": "0ms",
+        }
+    )

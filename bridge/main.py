@@ -1,0 +1,87 @@
+"""Entry point: `python -m bridge.main`. Builds everything in `main()`; no module globals.
+
+Prints `llmproxy-bridge listening on ws://HOST:PORT/stream` once serving (tests read the port
+from it when started with port 0). SIGINT/SIGTERM close the listener and every connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from bridge.server import Bridge, BridgeConfig
+from server.main import run_loop
+
+log = logging.getLogger("llmproxy.bridge")
+
+
+def parse_args(argv: list[str] | None) -> BridgeConfig:
+    root = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(prog="llmproxy-bridge", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port")
+    parser.add_argument("--grpc-target", default="127.0.0.1:50051")
+    parser.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    parser.add_argument("--ping-interval-s", type=float, default=20.0)
+    parser.add_argument("--ping-timeout-s", type=float, default=20.0)
+    parser.add_argument("--allowed-origin", action="append", default=[], help="exact Origin to accept (repeatable)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    static = {"/": root / "static"}
+    js_dir = root.parent / "clients" / "js"
+    if js_dir.is_dir():
+        static["/js/"] = js_dir
+    return BridgeConfig(
+        host=args.host,
+        port=args.port,
+        grpc_target=args.grpc_target,
+        max_frame_bytes=args.max_frame_bytes,
+        ping_interval_s=args.ping_interval_s,
+        ping_timeout_s=args.ping_timeout_s,
+        allowed_origins=tuple(args.allowed_origin),
+        static_dirs=static,
+    )
+
+
+async def serve(config: BridgeConfig) -> None:
+    channel = grpc.aio.insecure_channel(
+        config.grpc_target,
+        options=[
+            # Keepalive within the server's enforcement policy (>= 10 s between pings), so a
+            # dead server is noticed without ever earning a too_many_pings GOAWAY.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+    bridge = Bridge(config, channel)
+    server = await bridge.start()
+    port = next(iter(server.sockets)).getsockname()[1]
+    print(f"llmproxy-bridge listening on ws://{config.host}:{port}/stream", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.close()
+    await server.wait_closed()
+    await channel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    run_loop(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,168 @@
+"""The WebSocket bridge: one WebSocket <-> one gRPC `Stream` call, and nothing more.
+
+Per connection: the reader decodes each text frame with the codec and writes the proto to the
+call (a bad frame is answered with an error frame and the connection goes on); the downstream
+task reads the call and sends each server frame as one JSON text frame. When either side ends,
+the other is closed: a closed WebSocket cancels the call (and with it every upstream request).
+
+Plain HTTP on the same port: `/healthz`, the demo chat page at `/`, its static files, and the
+JavaScript client under `/js/`. Every other path gets the same 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import mimetypes
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame
+from server.errors import Code
+
+log = logging.getLogger("llmproxy.bridge")
+
+# gRPC status of a failed call -> (error code for the client, WebSocket close code, RFC 6455 7.4.1)
+STATUS_TO_CLOSE: dict[grpc.StatusCode, tuple[Code, int]] = {
+    grpc.StatusCode.UNAVAILABLE: (Code.UNAVAILABLE, 1013),  # try again later
+    grpc.StatusCode.DEADLINE_EXCEEDED: (Code.TIMEOUT, 1013),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (Code.RATE_LIMITED, 1013),
+    grpc.StatusCode.UNAUTHENTICATED: (Code.UNAUTHENTICATED, 1008),  # policy violation
+    grpc.StatusCode.PERMISSION_DENIED: (Code.UNAUTHENTICATED, 1008),
+    grpc.StatusCode.INVALID_ARGUMENT: (Code.INVALID_REQUEST, 1008),
+}
+DEFAULT_CLOSE = (Code.INTERNAL, 1011)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    grpc_target: str = "127.0.0.1:50051"
+    max_frame_bytes: int = 1 << 20  # larger frames get frame_too_large; 4x this closes (1009)
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    allowed_origins: tuple[str, ...] = ()  # exact matches; the bridge's own origin is always allowed
+    static_dirs: dict[str, Path] = field(default_factory=dict)  # URL prefix -> directory
+
+
+class StaticFiles:
+    """Files read once at start-up: no path from a request ever reaches the filesystem."""
+
+    def __init__(self, dirs: dict[str, Path]) -> None:
+        self._files: dict[str, tuple[bytes, str]] = {}
+        for prefix, directory in dirs.items():
+            for path in sorted(directory.glob("*")):
+                if path.is_file() and not path.name.startswith("."):
+                    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                    if ctype.startswith("text/") or ctype.endswith("javascript"):
+                        ctype += "; charset=utf-8"
+                    self._files[prefix + path.name] = (path.read_bytes(), ctype)
+        if "/index.html" in self._files:
+            self._files["/"] = self._files["/index.html"]
+
+    def get(self, path: str) -> tuple[bytes, str] | None:
+        return self._files.get(path.split("?", 1)[0])
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+class Bridge:
+    def __init__(self, config: BridgeConfig, channel: grpc.aio.Channel) -> None:
+        self._config = config
+        self._stub = pb_grpc.LLMProxyStub(channel)
+        self._static = StaticFiles(config.static_dirs)
+        self._origins: frozenset[str] = frozenset(config.allowed_origins)
+
+    def allow_own_origin(self, port: int) -> None:
+        """Called once the port is known: pages served by this bridge may connect."""
+        own = {f"http://{h}:{port}" for h in {self._config.host, "127.0.0.1", "localhost"}}
+        self._origins = self._origins | own
+
+    async def start(self) -> Server:
+        server = await serve(
+            self._handle,
+            self._config.host,
+            self._config.port,
+            process_request=self._process_request,
+            compression=None,  # permessage-deflate costs throughput and memory (docs/protocol.md)
+            max_size=4 * self._config.max_frame_bytes,
+            ping_interval=self._config.ping_interval_s,
+            ping_timeout=self._config.ping_timeout_s,
+            server_header="llmproxy",
+        )
+        port = next(iter(server.sockets)).getsockname()[1]
+        self.allow_own_origin(port)
+        return server
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/stream":
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in self._origins:
+                return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
+            return None  # go on with the WebSocket handshake
+        if path == "/healthz":
+            return _response(http.HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+        found = self._static.get(path)
+        if found is None:
+            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+        return _response(http.HTTPStatus.OK, *found)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        call = self._stub.Stream()
+        downstream = asyncio.create_task(self._downstream(call, ws))
+        max_bytes = self._config.max_frame_bytes
+        try:
+            async for message in ws:
+                try:
+                    frame = decode_client_frame(message, max_bytes)
+                except FrameError as exc:
+                    await ws.send(encode_error(exc.code, exc.message, exc.stream_id), text=True)
+                    continue
+                try:
+                    await call.write(frame)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    break  # the call has ended; downstream reports why
+        except ConnectionClosed:
+            pass
+        finally:
+            call.cancel()
+            downstream.cancel()
+            await asyncio.gather(downstream, return_exceptions=True)
+
+    async def _downstream(self, call: grpc.aio.StreamStreamCall, ws: ServerConnection) -> None:
+        send = ws.send
+        try:
+            async for frame in call:
+                await send(encode_server_frame(frame), text=True)
+        except grpc.aio.AioRpcError as exc:
+            code, close_code = STATUS_TO_CLOSE.get(exc.code(), DEFAULT_CLOSE)
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning("gRPC call ended: %s", exc.code().name)
+                message = "the llmproxy server is unavailable" if code is Code.UNAVAILABLE else "the stream call failed"
+                try:
+                    await send(encode_error(code, message), text=True)
+                    await ws.close(close_code, message)
+                except ConnectionClosed:
+                    pass
+        except ConnectionClosed:
+            pass

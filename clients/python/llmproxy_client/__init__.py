@@ -1,0 +1,1 @@
+"""llmproxy Python client (gRPC and WebSocket)."""

@@ -1,0 +1,1 @@
+"""The sans-I/O core: stream and session state machines. Imports no asyncio, grpc or httpx."""

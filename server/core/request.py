@@ -1,0 +1,47 @@
+"""The unified chat request every provider adapter receives (OpenAI-shaped, provider-neutral)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete tool call in the conversation history."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # one of ROLES
+    content: str
+    name: str = ""
+    tool_call_id: str = ""  # role "tool"
+    tool_calls: tuple[ToolCall, ...] = ()  # role "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call; `parameters_json` is its JSON Schema as text."""
+
+    name: str
+    description: str
+    parameters_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str  # the public model name
+    messages: tuple[ChatMessage, ...]
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = ""  # "", "auto", "none", "required" or a tool name

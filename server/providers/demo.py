@@ -1,0 +1,153 @@
+"""The built-in `demo` provider: real text at a realistic pace, with no upstream and no key.
+
+It answers from a small bundled corpus (server/corpus/answers.txt): the entry whose keywords best
+match the last user message, followed by further entries when `max_tokens` asks for more text.
+Tokens are words and punctuation with their leading space, as LLM tokenizers emit them. Pacing:
+a time to first token, then tokens at a rate with relative jitter, all drawn from a seeded RNG so
+a seeded request streams the same tokens at the same gaps every time.
+
+It is also the fake the core's and the chain's tests use: its pace is set per deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from importlib import resources
+
+from server.core.events import Finished, FinishReason, ProviderEvent, TextDelta, UsageReport
+from server.core.request import ChatRequest
+from server.errors import InvalidRequest
+from server.providers.base import DeploymentInfo
+
+_TOKEN_RE = re.compile(r"\s*[A-Za-z0-9]+|\s*[^\sA-Za-z0-9]")
+_WORD_RE = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class DemoPace:
+    """Timing of demo streams. `tokens_per_s` 0 means no pacing (as fast as the loop runs)."""
+
+    ttft_s: float = 0.25
+    tokens_per_s: float = 40.0
+    jitter: float = 0.3  # relative: each gap is interval * (1 +/- jitter)
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusEntry:
+    keywords: frozenset[str]
+    tokens: tuple[str, ...]
+
+
+def tokenize(text: str) -> tuple[str, ...]:
+    """Splits text into word and punctuation tokens that concatenate back to the text."""
+    return tuple(_TOKEN_RE.findall(text))
+
+
+def load_corpus() -> tuple[CorpusEntry, ...]:
+    """Reads the bundled corpus. The first entry named `default` is the fallback answer."""
+    text = resources.files("server").joinpath("corpus/answers.txt").read_text("utf-8")
+    entries: list[CorpusEntry] = []
+    keywords: frozenset[str] | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if line.startswith("== "):
+            if keywords is not None:
+                entries.append(CorpusEntry(keywords, tokenize(" ".join(lines))))
+            keywords, lines = frozenset(line[3:].split()), []
+        elif line.strip():
+            lines.append(line.strip())
+    if keywords is not None:
+        entries.append(CorpusEntry(keywords, tokenize(" ".join(lines))))
+    return tuple(entries)
+
+
+def choose_answer(corpus: tuple[CorpusEntry, ...], prompt: str) -> list[CorpusEntry]:
+    """Orders the corpus for a prompt: the best keyword match first (the `default` entry when
+    nothing matches), then the rest in corpus order."""
+    words = set(_WORD_RE.findall(prompt.lower()))
+    scored = [(len(entry.keywords & words), -i) for i, entry in enumerate(corpus)]
+    best_score, best_neg_i = max(scored)
+    if best_score == 0:
+        best_neg_i = -next(i for i, e in enumerate(corpus) if "default" in e.keywords)
+    first = corpus[-best_neg_i]
+    return [first] + [e for e in corpus if e is not first]
+
+
+def count_prompt_tokens(request: ChatRequest) -> int:
+    return sum(len(tokenize(m.content)) + 4 for m in request.messages)
+
+
+class DemoBackend:
+    """A `Backend` that streams corpus text at `pace`."""
+
+    def __init__(self, info: DeploymentInfo, pace: DemoPace, corpus: tuple[CorpusEntry, ...]):
+        self._info = info
+        self._pace = pace
+        self._corpus = corpus
+
+    @property
+    def info(self) -> DeploymentInfo:
+        return self._info
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderEvent]:
+        if request.tools:
+            raise InvalidRequest("the demo provider does not support tools")
+        prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        seed = request.seed if request.seed is not None else self._pace.seed
+        rng = random.Random(f"{seed}:{prompt}")
+        limit = request.max_tokens
+        pace = self._pace
+        interval = 1.0 / pace.tokens_per_s if pace.tokens_per_s > 0 else 0.0
+        yield UsageReport(prompt_tokens=count_prompt_tokens(request))
+
+        await asyncio.sleep(pace.ttft_s)
+        emitted = 0
+        text_so_far: list[str] = []
+        reason = FinishReason.STOP
+        entries = choose_answer(self._corpus, prompt)
+        # Without max_tokens the answer is the best entry; with it, further entries follow
+        # ("\n\n"-separated) until the limit, like a model that keeps writing.
+        tokens = iter(entries[0].tokens) if limit is None else _endless(entries)
+        for token in tokens:
+            if limit is not None and emitted >= limit:
+                reason = FinishReason.LENGTH
+                break
+            if emitted and interval:
+                await asyncio.sleep(max(0.0, interval * (1 + rng.uniform(-pace.jitter, pace.jitter))))
+            elif not interval:
+                await asyncio.sleep(0)  # stay cooperative when unpaced
+            if request.stop:
+                text_so_far.append(token)
+                joined = "".join(text_so_far)
+                hit = min((joined.find(s) for s in request.stop if s in joined), default=-1)
+                if hit >= 0:
+                    cut = joined[len(joined) - len(token) : hit]
+                    if cut:
+                        yield TextDelta(cut)
+                        emitted += 1
+                    break
+            yield TextDelta(token)
+            emitted += 1
+        yield UsageReport(completion_tokens=emitted)
+        yield Finished(reason)
+
+
+def _endless(entries: list[CorpusEntry]) -> Iterator[str]:
+    """The entries one after the other, "\n\n"-separated, cycling; the caller stops."""
+    first = True
+    while True:
+        for entry in entries:
+            if not first:
+                yield "\n\n"
+            first = False
+            yield from entry.tokens
