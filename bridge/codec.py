@@ -362,7 +362,7 @@ _ENCODERS: dict[str, Callable[[pb.ServerFrame], bytes]] = {
 
 def encode_server_frame(frame: pb.ServerFrame) -> bytes:
     """One server frame as UTF-8 JSON (sent as a text frame)."""
-    return _ENCODERS[frame.WhichOneof("kind")](frame)  # type: ignore[index]
+    return _ENCODERS[frame.WhichOneof("kind")](frame)
 
 
 def encode_error(code: Code, message: str, stream_id: str = "") -> bytes:

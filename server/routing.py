@@ -7,7 +7,7 @@ connection driver never knows how many upstream attempts a stream took.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from server.catalog import Catalog
@@ -19,7 +19,7 @@ class Router:
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yields `Routed` and then the provider events of one answer.
 
         Raises `UnknownModel` and the backend's `ProxyError`s. Cancelling the consumer closes the

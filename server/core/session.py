@@ -239,9 +239,9 @@ class Session:
                 raise InvalidRequest(f"stream id longer than {self._limits.max_stream_id_chars} characters")
             if stream_id in self._streams:
                 raise DuplicateStream(f"stream {stream_id!r} is already running on this connection")
+            request = self._to_request(start)
             if len(self._streams) >= self._limits.max_streams:
                 raise TooManyStreams(f"at most {self._limits.max_streams} concurrent streams per connection")
-            request = self._to_request(start)
         except CallerError as exc:
             self._reject(stream_id, exc)
             return

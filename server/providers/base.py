@@ -8,7 +8,7 @@ directly because it has no upstream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +30,7 @@ class Backend(Protocol):
     @property
     def info(self) -> DeploymentInfo: ...
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[ProviderEvent]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         """Yields the provider events of one answer, ending with `Finished`.
 
         Raises a `server.errors.ProxyError` subclass on failure (`CallerError` when the request

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -99,7 +99,7 @@ class DemoBackend:
     async def aclose(self) -> None:
         return None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         if request.tools:
             raise InvalidRequest("the demo provider does not support tools")
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
