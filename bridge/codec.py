@@ -5,6 +5,9 @@ Client frames (docs/protocol.md has an example of each):
     {"model": "demo", "messages": [...], "stream": true}      the bare form: a start
     {"type": "cancel", "id": "s1"}
     {"type": "ping", "nonce": 7}
+    {"type": "resume", "session_id": ..., "resume_token": ..., "streams": {"s1": 41}}
+    {"type": "modify", "id": "s1", "append": [...], "messages": [...], "keep_partial": true}
+    {"type": "close"}
 
 Every server frame is one JSON object with `type`, and also `token` (the text of a token frame,
 "" on every other frame) and `latency` ("12ms": time since the stream's previous token, or since
@@ -26,7 +29,7 @@ from llmproxy.v1 import llmproxy_pb2 as pb
 from server.errors import Code
 
 _START_FIELDS = frozenset(
-    {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice"}
+    {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation"}
 )
 _MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
 
@@ -70,7 +73,7 @@ def decode_client_frame(data: str | bytes, max_bytes: int) -> pb.ClientFrame:
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise FrameError(
-            Code.UNKNOWN_FRAME_TYPE, f"unknown frame type {kind!r}; expected start, cancel or ping", stream_id
+            Code.UNKNOWN_FRAME_TYPE, f"unknown frame type {kind!r}; expected start, cancel, modify, ping, resume or close", stream_id
         )
     try:
         return decoder(obj, stream_id)
@@ -85,7 +88,7 @@ def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
         raise FrameError(Code.INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in start frame")
     if obj.get("stream", True) is not True:
         raise FrameError(Code.INVALID_REQUEST, "stream must be true: llmproxy only streams")
-    start = pb.StartStream(stream_id=stream_id, model=_str(obj, "model", required=True))
+    start = pb.StartStream(stream_id=stream_id, model=_str(obj, "model", required=True), conversation=_str(obj, "conversation"))
     messages = obj.get("messages")
     if not isinstance(messages, list):
         raise FrameError(Code.INVALID_REQUEST, "messages must be a list of message objects")
@@ -192,10 +195,46 @@ def _ping(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     return pb.ClientFrame(ping=pb.Ping(nonce=nonce or 0))
 
 
+def _resume(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
+    resume = pb.Resume(session_id=_str(obj, "session_id", required=True), resume_token=_str(obj, "resume_token", required=True))
+    streams = obj.get("streams", {})
+    if not isinstance(streams, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for k, v in streams.items()
+    ):
+        raise FrameError(Code.INVALID_REQUEST, "streams must map stream ids to the last seq received")
+    for sid, last_seq in streams.items():
+        resume.streams.add(stream_id=sid, last_seq=last_seq)
+    return pb.ClientFrame(resume=resume)
+
+
+def _modify(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
+    if not stream_id:
+        raise FrameError(Code.INVALID_REQUEST, "modify needs the id of the stream")
+    modify = pb.Modify(stream_id=stream_id)
+    for key, field in (("messages", modify.messages), ("append", modify.append)):
+        items = obj.get(key, [])
+        if not isinstance(items, list):
+            raise FrameError(Code.INVALID_REQUEST, f"{key} must be a list of message objects")
+        for i, m in enumerate(items):
+            _message(field.add(), m, i)
+    keep = obj.get("keep_partial", False)
+    if not isinstance(keep, bool):
+        raise FrameError(Code.INVALID_REQUEST, "keep_partial must be true or false")
+    modify.keep_partial = keep
+    return pb.ClientFrame(modify=modify)
+
+
+def _close(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
+    return pb.ClientFrame(close=pb.Close())
+
+
 _DECODERS: dict[str, Callable[[dict[str, Any], str], pb.ClientFrame]] = {
     "start": _start,
     "cancel": _cancel,
     "ping": _ping,
+    "resume": _resume,
+    "modify": _modify,
+    "close": _close,
 }
 
 
@@ -349,7 +388,43 @@ def _enc_reasoning(f: pb.ServerFrame) -> bytes:
     )
 
 
+def _enc_session(f: pb.ServerFrame) -> bytes:
+    s = f.session
+    return orjson.dumps(
+        {
+            "type": "session",
+            "session_id": s.session_id,
+            "resume_token": s.resume_token,
+            "resume_grace_ms": s.resume_grace_ms,
+            "token": "",
+            "latency": "0ms",
+        }
+    )
+
+
+def _enc_resumed(f: pb.ServerFrame) -> bytes:
+    r = f.resumed
+    streams = {s.stream_id: {"after_seq": s.after_seq, "replayed": s.replayed, "live": s.live, "known": s.known} for s in r.streams}
+    return orjson.dumps({"type": "resumed", "session_id": r.session_id, "streams": streams, "token": "", "latency": "0ms"})
+
+
+def _enc_restarted(f: pb.ServerFrame) -> bytes:
+    r = f.restarted
+    return orjson.dumps(
+        {"type": "restarted", "id": r.stream_id, "seq": r.seq, "keep_partial": r.keep_partial, "token": "", "latency": _latency(r.latency_us)}
+    )
+
+
+def _enc_heartbeat(f: pb.ServerFrame) -> bytes:
+    h = f.heartbeat
+    return orjson.dumps({"type": "heartbeat", "id": h.stream_id, "idle_ms": h.idle_ms, "token": "", "latency": "0ms"})
+
+
 _ENCODERS: dict[str, Callable[[pb.ServerFrame], bytes]] = {
+    "session": _enc_session,
+    "resumed": _enc_resumed,
+    "restarted": _enc_restarted,
+    "heartbeat": _enc_heartbeat,
     "token": _enc_token,
     "started": _enc_started,
     "done": _enc_done,

@@ -3,7 +3,10 @@
 Per connection: the reader decodes each text frame with the codec and writes the proto to the
 call (a bad frame is answered with an error frame and the connection goes on); the downstream
 task reads the call and sends each server frame as one JSON text frame. When either side ends,
-the other is closed: a closed WebSocket cancels the call (and with it every upstream request).
+the other is closed. A WebSocket the client closed with 1000 (normal closure: the app is done)
+ends the session (a `close` frame, then half-close: every stream is cancelled). Any other end
+(a drop, 1001 on a page reload) only cancels the call: the server keeps the session's streams
+generating for the resume grace period, and the client resumes through any bridge.
 
 Plain HTTP on the same port: `/healthz`, the demo chat page at `/`, its static files, and the
 JavaScript client under `/js/`. Every other path gets the same 404.
@@ -24,6 +27,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame
 from server.errors import Code
@@ -145,9 +149,23 @@ class Bridge:
         except ConnectionClosed:
             pass
         finally:
+            close = ws.protocol.close_rcvd
+            if close is not None and close.code == 1000 and not call.done():
+                await self._end_session(call, downstream)
             call.cancel()
             downstream.cancel()
             await asyncio.gather(downstream, return_exceptions=True)
+
+    @staticmethod
+    async def _end_session(call: grpc.aio.StreamStreamCall, downstream: asyncio.Task[None]) -> None:
+        """The client is done: end its session so nothing keeps generating for it. The server
+        ends the call once the cancellations are through; wait for that, briefly."""
+        try:
+            await call.write(pb.ClientFrame(close=pb.Close()))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return
+        await asyncio.wait({downstream}, timeout=1.0)
 
     async def _downstream(self, call: grpc.aio.StreamStreamCall, ws: ServerConnection) -> None:
         send = ws.send

@@ -6,7 +6,9 @@
     │   ├── UnknownModel
     │   ├── DuplicateStream
     │   ├── TooManyStreams
-    │   └── UnknownStream
+    │   ├── UnknownStream
+    │   ├── SessionExpired          resume of an unknown / expired session, or a wrong token
+    │   └── TooManySessions
     ├── UpstreamError               the provider failed; keeps HTTP status and a redacted body
     │   ├── RateLimited             429 (retryable, retry_after_s from the headers)
     │   ├── Overloaded              503 / Anthropic 529 overloaded_error (retryable)
@@ -96,6 +98,18 @@ class TooManyStreams(CallerError):
 
 class UnknownStream(CallerError):
     code = Code.UNKNOWN_STREAM
+
+
+class SessionExpired(CallerError):
+    """The session to resume is unknown, expired, or the token is wrong (one error for all
+    three, so a resume attempt reveals nothing about other sessions)."""
+
+    code = Code.EXPIRED
+
+
+class TooManySessions(CallerError):
+    code = Code.RATE_LIMITED
+    retryable = True
 
 
 # -- upstream errors -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,14 +24,20 @@ from server.config import ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
 from server.routing import Router
-from server.service import LLMProxyServicer
+from server.service import LLMProxyServicer, ServiceSettings
 
 log = logging.getLogger("llmproxy.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMProxy"].full_name
 
 
-def parse_args(argv: list[str] | None) -> ServerConfig:
+@dataclass(frozen=True, slots=True)
+class Options:
+    config: ServerConfig
+    service: ServiceSettings
+
+
+def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="llmproxy-server", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port for gRPC (port 0: any free)")
     parser.add_argument("--config", default=None, help="deployment config file (YAML)")
@@ -40,10 +47,14 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--max-streams", type=int, default=32, help="concurrent streams per call")
     parser.add_argument("--shutdown-grace-s", type=float, default=5.0)
+    parser.add_argument("--resume-grace-s", type=float, default=30.0, help="streams outlive a dropped connection this long")
+    parser.add_argument("--heartbeat-interval-s", type=float, default=15.0, help="heartbeat for a stream silent this long")
+    parser.add_argument("--slow-client-timeout-s", type=float, default=10.0, help="end a call whose writes block this long")
+    parser.add_argument("--max-sessions", type=int, default=100_000)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return ServerConfig(
+    config = ServerConfig(
         listen=args.listen,
         demo_pace=DemoPace(
             ttft_s=args.demo_ttft_ms / 1000, tokens_per_s=args.demo_tokens_per_s, jitter=args.demo_jitter, seed=args.demo_seed
@@ -52,9 +63,18 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         shutdown_grace_s=args.shutdown_grace_s,
         config_path=args.config,
     )
+    service = ServiceSettings(
+        limits=replace(config.limits, heartbeat_interval_s=args.heartbeat_interval_s),
+        resume_grace_s=args.resume_grace_s,
+        max_sessions=args.max_sessions,
+        slow_client_timeout_s=args.slow_client_timeout_s,
+        janitor_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
+    )
+    return Options(config, service)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(options: Options) -> None:
+    config = options.config
     catalog = build_catalog(config)
     router = Router(catalog)
     server = grpc.aio.server(
@@ -67,7 +87,8 @@ async def serve(config: ServerConfig) -> None:
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ]
     )
-    pb_grpc.add_LLMProxyServicer_to_server(LLMProxyServicer(router, catalog, config.limits), server)
+    servicer = LLMProxyServicer(router, catalog, options.service)
+    pb_grpc.add_LLMProxyServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -83,6 +104,7 @@ async def serve(config: ServerConfig) -> None:
     print(f"llmproxy-server listening on {host}:{port}", flush=True)
     log.info("serving models: %s", ", ".join(catalog.names()))
 
+    janitor = asyncio.create_task(servicer.janitor())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,6 +113,8 @@ async def serve(config: ServerConfig) -> None:
     log.info("shutting down: health NOT_SERVING, grace %.1fs", config.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_s)
+    janitor.cancel()
+    await servicer.aclose()
     await catalog.aclose()
 
 
@@ -105,8 +129,8 @@ def run_loop(coro_factory: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    run_loop(lambda: serve(config))
+    options = parse_args(argv)
+    run_loop(lambda: serve(options))
 
 
 if __name__ == "__main__":

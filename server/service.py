@@ -1,18 +1,24 @@
-"""The grpc.aio servicer: a thin driver around the sans-I/O session.
+"""The grpc.aio servicer: a thin driver around the sans-I/O sessions.
 
-Per `Stream` call, one `Connection`: a reader (context.read), one writer task (context.write),
-and one task per upstream stream. All of them only feed the session and wake the writer through
-`_feed_*`, the one place that applies the session's actions and schedules the flush. The writer
-drains whatever has accumulated each time it wakes, which is where token frames merge under
-backpressure.
+- `SessionRuntime` runs one session's upstream tasks. They belong to the session, not to a
+  call: when a call drops they keep generating into the replay buffers for the grace period.
+  `feed_frame`/`feed_event` are the one place that feeds the core, applies its actions and
+  wakes the writer.
+- `Connection` drives one `Stream` call: a reader (context.read), a writer (context.write) that
+  drains whatever has accumulated each time it wakes (where token frames merge under
+  backpressure), and the switch to another session on `resume`.
+- One janitor task per server expires detached sessions, sends heartbeats and disconnects
+  clients that stopped reading (their sessions stay resumable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 
@@ -20,42 +26,121 @@ from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from server.catalog import Catalog
 from server.core.events import Failed, StreamEvent
-from server.core.session import CancelUpstream, Session, SessionLimits, StartUpstream
+from server.core.registry import SessionRegistry
+from server.core.session import CancelUpstream, Session, StartUpstream
+from server.core.session_limits import SessionLimits
 from server.errors import InternalError, ProxyError, StreamCut
 from server.routing import Router
 
 log = logging.getLogger("llmproxy.server")
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    limits: SessionLimits = SessionLimits()
+    resume_grace_s: float = 30.0
+    max_sessions: int = 100_000
+    slow_client_timeout_s: float = 10.0  # a write blocked this long ends the call
+    janitor_interval_s: float = 1.0
+
+
+class SessionRuntime:
+    """Drives one session's upstream work."""
+
+    def __init__(self, session: Session, router: Router) -> None:
+        self.session = session
+        self._router = router
+        self._upstreams: dict[str, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()
+        self.owner: Connection | None = None
+
+    def feed_frame(self, frame: pb.ClientFrame) -> None:
+        self.session.receive_frame(frame, time.monotonic_ns())
+        self.apply()
+
+    def feed_event(self, stream_id: str, event: StreamEvent) -> bool:
+        """Feeds one event of a live stream; returns whether the stream is still live."""
+        live = self.session.receive_event(stream_id, event, time.monotonic_ns())
+        self.wake.set()
+        return live
+
+    def apply(self) -> None:
+        for action in self.session.actions_to_take():
+            if isinstance(action, CancelUpstream):
+                task = self._upstreams.pop(action.stream_id, None)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(action, StartUpstream):
+                self._upstreams[action.stream_id] = asyncio.create_task(self._run_upstream(action))
+        self.wake.set()
+
+    async def aclose(self) -> None:
+        """Cancels every upstream task and waits for their cleanup (closing HTTP responses)."""
+        tasks = list(self._upstreams.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_upstream(self, action: StartUpstream) -> None:
+        stream_id, session = action.stream_id, self.session
+        try:
+            async with aclosing(self._router.stream(action.request)) as events:
+                async for event in events:
+                    if not self.feed_event(stream_id, event):
+                        return
+            if session.is_live(stream_id):  # the provider ended without a finish event
+                self.feed_event(stream_id, Failed(StreamCut("the provider's stream ended early")))
+        except ProxyError as exc:
+            if session.is_live(stream_id):
+                self.feed_event(stream_id, Failed(exc))
+        except Exception:
+            log.error("stream failed with an internal error", exc_info=True)
+            if session.is_live(stream_id):
+                self.feed_event(stream_id, Failed(InternalError()))
+        finally:
+            if self._upstreams.get(stream_id) is asyncio.current_task():
+                del self._upstreams[stream_id]
+
+
 class Connection:
     """Drives one `Stream` call."""
 
-    def __init__(
-        self, router: Router, catalog: Catalog, limits: SessionLimits, context: grpc.aio.ServicerContext
-    ) -> None:
-        self._router = router
+    def __init__(self, service: LLMProxyServicer, runtime: SessionRuntime, context: grpc.aio.ServicerContext) -> None:
+        self._service = service
+        self.runtime = runtime
         self._context = context
-        self._session = Session(limits, catalog, time.time_ns)
-        self._wake = asyncio.Event()
-        self._upstreams: dict[str, asyncio.Task[None]] = {}
         self._reading = True
+        self.write_since_ns = 0  # when the write in progress began; 0 when none
+        self._kicked: tuple[grpc.StatusCode, str] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def kick(self, code: grpc.StatusCode, message: str) -> None:
+        """Ends the call from outside (resumed elsewhere, client too slow)."""
+        if self._kicked is None:
+            self._kicked = (code, message)
+            if self._writer is not None:
+                self._writer.cancel()
 
     async def run(self) -> None:
-        """Serves the call until the client half-closes and every stream has ended, or until
-        the call is cancelled; either way every upstream request is closed on return."""
-        writer = asyncio.create_task(self._write_loop())
+        reader = asyncio.create_task(self._read_loop())
+        self._writer = writer = asyncio.create_task(self._write_loop())
         try:
-            await self._read_loop()
-            self._reading = False
-            self._wake.set()
-            await writer
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and not reader.cancelled() and reader.exception() is None:
+                self._reading = False  # half-closed: finish the streams, then end the call
+                self.runtime.wake.set()
+                await asyncio.wait({writer})
+            for task in (reader, writer):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if self._kicked is not None:
+                await self._context.abort(*self._kicked)
         finally:
+            reader.cancel()
             writer.cancel()
-            upstreams = list(self._upstreams.values())
-            for task in upstreams:
-                task.cancel()
-            # Let cancelled upstream tasks run their `finally` (closing HTTP responses).
-            await asyncio.gather(writer, *upstreams, return_exceptions=True)
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            if self.runtime.owner is self:
+                self._service.detach(self.runtime)
 
     async def _read_loop(self) -> None:
         read = self._context.read
@@ -63,77 +148,122 @@ class Connection:
             frame = await read()
             if frame is grpc.aio.EOF:
                 return
-            self._session.receive_frame(frame, time.monotonic_ns())
-            self._apply()
+            if frame.WhichOneof("kind") == "resume":
+                self._service.resume(self, frame.resume)
+            else:
+                self.runtime.feed_frame(frame)
 
     async def _write_loop(self) -> None:
-        session, wake, write = self._session, self._wake, self._context.write
+        write = self._context.write
         while True:
-            await wake.wait()
-            wake.clear()
-            for frame in session.frames_to_send():
-                await write(frame)
+            runtime = self.runtime
+            await runtime.wake.wait()
+            if runtime is not self.runtime:
+                continue  # switched by a resume: wait on the new session
+            if runtime.owner is not self:
+                return  # another connection resumed this session
+            runtime.wake.clear()
+            session = runtime.session
+            frames = session.frames_to_send()
+            if frames:
+                self.write_since_ns = time.monotonic_ns()
+                for frame in frames:
+                    await write(frame)
+                self.write_since_ns = 0
             if not self._reading and session.live_streams == 0 and not session.has_output():
                 return
 
-    def _feed_event(self, stream_id: str, event: StreamEvent) -> bool:
-        """Feeds one event of a live stream, acts on the result; returns whether it is live."""
-        live = self._session.receive_event(stream_id, event, time.monotonic_ns())
-        self._wake.set()
-        return live
-
-    def _apply(self) -> None:
-        for action in self._session.actions_to_take():
-            if isinstance(action, StartUpstream):
-                self._upstreams[action.stream_id] = asyncio.create_task(self._run_upstream(action))
-            elif isinstance(action, CancelUpstream):
-                task = self._upstreams.pop(action.stream_id, None)
-                if task is not None:
-                    task.cancel()
-        self._wake.set()
-
-    async def _run_upstream(self, action: StartUpstream) -> None:
-        stream_id, session = action.stream_id, self._session
-        try:
-            async with aclosing(self._router.stream(action.request)) as events:
-                async for event in events:
-                    if not self._feed_event(stream_id, event):
-                        return
-            if session.is_live(stream_id):  # the provider ended without a finish event
-                self._feed_event(stream_id, Failed(StreamCut("the provider's stream ended early")))
-        except ProxyError as exc:
-            if session.is_live(stream_id):
-                self._feed_event(stream_id, Failed(exc))
-        except Exception:
-            log.error("stream failed with an internal error", exc_info=True)
-            if session.is_live(stream_id):
-                self._feed_event(stream_id, Failed(InternalError()))
-        finally:
-            if self._upstreams.get(stream_id) is asyncio.current_task():
-                del self._upstreams[stream_id]
-
 
 class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
-    def __init__(self, router: Router, catalog: Catalog, limits: SessionLimits) -> None:
+    def __init__(self, router: Router, catalog: Catalog, settings: ServiceSettings) -> None:
         self._router = router
         self._catalog = catalog
-        self._limits = limits
+        self._settings = settings
+        self._registry = SessionRegistry(
+            settings.limits,
+            catalog,
+            time.time_ns,
+            secrets.token_urlsafe,
+            resume_grace_s=settings.resume_grace_s,
+            max_sessions=settings.max_sessions,
+        )
+        self._runtimes: dict[str, SessionRuntime] = {}
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def detach(self, runtime: SessionRuntime) -> None:
+        runtime.owner = None
+        self._registry.detach(runtime.session, time.monotonic_ns())
+        if runtime.session.closed:  # a `close` frame: its cancellations are already applied
+            self._runtimes.pop(runtime.session.id, None)
+
+    def resume(self, connection: Connection, resume: pb.Resume) -> None:
+        current = connection.runtime
+        target = self._registry.resume(current.session, resume, time.monotonic_ns())
+        if target is current.session:
+            current.wake.set()  # the error frame
+            return
+        self._runtimes.pop(current.session.id, None)
+        runtime = self._runtimes[target.id]
+        previous = runtime.owner
+        runtime.owner = connection
+        connection.runtime = runtime
+        if previous is not None:
+            previous.kick(grpc.StatusCode.ABORTED, "the session was resumed on another connection")
+        current.wake.set()  # wakes the writer so it moves to the resumed session
+        runtime.wake.set()
+
+    async def janitor(self) -> None:
+        """Expires detached sessions, sends heartbeats, drops clients that stopped reading."""
+        slow_ns = int(self._settings.slow_client_timeout_s * 1e9)
+        while True:
+            await asyncio.sleep(self._settings.janitor_interval_s)
+            now = time.monotonic_ns()
+            for session in self._registry.expire(now):
+                runtime = self._runtimes.pop(session.id, None)
+                if runtime is not None:
+                    runtime.apply()
+            for runtime in list(self._runtimes.values()):
+                session = runtime.session
+                if session.attached and session.live_streams:
+                    session.tick(now)
+                    if session.has_output():
+                        runtime.wake.set()
+                owner = runtime.owner
+                if owner is not None and owner.write_since_ns and now - owner.write_since_ns > slow_ns:
+                    log.warning("disconnecting a client that stopped reading; its session stays resumable")
+                    owner.kick(grpc.StatusCode.RESOURCE_EXHAUSTED, "the client reads too slowly")
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
+
+    # -- RPCs ------------------------------------------------------------------------------------
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        await Connection(self._router, self._catalog, self._limits, context).run()
+        try:
+            session = self._registry.create(time.monotonic_ns())
+        except ProxyError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+            return
+        runtime = SessionRuntime(session, self._router)
+        self._runtimes[session.id] = runtime
+        connection = Connection(self, runtime, context)
+        runtime.owner = connection
+        runtime.wake.set()  # the `session` frame
+        await connection.run()
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionState:
+        session = self._registry.get(request.session_id, request.resume_token)
+        if session is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such session, or it has expired")
+        assert session is not None
+        return session.summary(time.monotonic_ns())
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         models = []
         for name in self._catalog.names():
             deployments = [
-                pb.DeploymentInfo(
-                    name=b.info.name,
-                    provider=b.info.provider,
-                    upstream_model=b.info.upstream_model,
-                    weight=b.info.weight,
-                )
+                pb.DeploymentInfo(name=b.info.name, provider=b.info.provider, upstream_model=b.info.upstream_model, weight=b.info.weight)
                 for b in self._catalog.backends(name)
             ]
             models.append(pb.ModelInfo(name=name, deployments=deployments))

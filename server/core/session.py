@@ -1,30 +1,36 @@
-"""A session: the streams of one `Stream` call, multiplexed. Sans-I/O.
+"""A session: the streams of one client, multiplexed, outliving any one connection. Sans-I/O.
 
 Theory of operation (after python-websockets' protocol.py and h11). The driver feeds the session
 what happens, and the session says what to do:
 
-    receive_frame(frame, now_ns)             a ClientFrame from the client
+    receive_frame(frame, now_ns)             a ClientFrame from the attached connection
     receive_event(stream_id, event, now_ns)  an event of a running stream (routing, provider)
-    frames_to_send() -> [ServerFrame]        what to write to the client, in order
+    frames_to_send() -> [ServerFrame]        what to write to the attached connection, in order
     actions_to_take() -> [Action]            upstream work to start or cancel
+    detach(now_ns) / resume(frame, now_ns)   the connection dropped / a new one took over
+    tick(now_ns)                             heartbeats for streams that have been silent
+
+Replay. Every frame that carries a sequence number goes into its stream's bounded replay
+buffer; while a connection is attached it also goes into the outbox. When the connection drops
+the streams keep generating into their buffers; a resume rebuilds the outbox from them: the
+frames after the client's last sequence number, then live ones. Nothing lost, nothing repeated.
 
 Backpressure lives in the outbox: while the driver is busy writing, new tokens of a stream are
-merged into that stream's token frame still waiting in the outbox (text appended, `seq` moved to
+merged into that stream's token frame that has not been sent yet (text appended, `seq` moved to
 the last token, `count` raised), so a slow reader gets fewer, larger frames instead of an
-unbounded queue, and a lone token is never delayed. Any other frame of that stream closes the
-merge so order within a stream is kept.
+unbounded queue, and a lone token is never delayed. Any other frame of that stream ends the
+merge so order within a stream is kept. A frame is never changed once it has been handed out.
 
-Rejections: a start frame that fails validation, names an unknown model, reuses a live id or
-exceeds the stream limit is answered with an error carrying the id and `seq` 0: the frame was
-rejected and no stream changed. An error with `seq` > 0 ends that stream.
+Rejections: a frame that fails validation, names an unknown model, reuses a live id or exceeds
+a limit is answered with an error carrying the id and `seq` 0: the frame was rejected and no
+stream changed. An error with `seq` > 0 ends that stream.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Container
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass, replace
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.events import (
@@ -38,18 +44,22 @@ from server.core.events import (
     ToolCallDelta,
     UsageReport,
 )
-from server.core.request import ROLES, ChatMessage, ChatRequest, ToolCall, ToolSpec
-from server.core.stream import CANCEL, Phase, Stream
+from server.core.request import ChatMessage, ChatRequest
+from server.core.session_limits import SessionLimits
+from server.core.stream import CANCEL, MODIFY, Phase, Stream
+from server.core.validate import to_messages, to_request
 from server.errors import (
     CallerError,
     Code,
     DuplicateStream,
     InvalidRequest,
     ProxyError,
+    SessionExpired,
     TooManyStreams,
-    UnknownModel,
     UnknownStream,
 )
+
+__all__ = ["Action", "CancelUpstream", "Session", "SessionLimits", "StartUpstream"]
 
 FINISH_TO_PROTO: dict[FinishReason, int] = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -60,16 +70,6 @@ FINISH_TO_PROTO: dict[FinishReason, int] = {
 }
 
 CODE_TO_PROTO: dict[Code, int] = {code: pb.ErrorCode.Value(f"ERROR_CODE_{code.name}") for code in Code}
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    max_streams: int = 32  # live streams per call
-    max_messages: int = 1024  # messages per request
-    max_stream_id_chars: int = 128
-    max_tokens_cap: int = 1_000_000  # a larger max_tokens is a mistake, not a request
-    max_stop_sequences: int = 16
-    max_tools: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +89,30 @@ Action = StartUpstream | CancelUpstream
 class Session:
     def __init__(
         self,
+        session_id: str,
+        resume_token: str,
         limits: SessionLimits,
         known_models: Container[str],
         wall_time_ns: Callable[[], int],
+        now_ns: int,
+        resume_grace_ms: int = 30_000,
     ) -> None:
+        self.id = session_id
+        self.token = resume_token
         self._limits = limits
         self._known_models = known_models
         self._wall_time_ns = wall_time_ns
+        self._heartbeat_ns = int(limits.heartbeat_interval_s * 1e9)
+        self.attached = True
+        self.detached_ns = 0
+        self.closed = False
         self._streams: dict[str, Stream] = {}
-        self._outbox: list[pb.ServerFrame] = []
-        self._merging: dict[str, pb.TokenDelta] = {}  # stream id -> its token frame in the outbox
+        self._ended: OrderedDict[str, Stream] = OrderedDict()
+        self._conversations: dict[str, list[ChatMessage]] = {}
+        self._outbox: list[pb.ServerFrame] = [
+            pb.ServerFrame(session=pb.SessionInfo(session_id=session_id, resume_token=resume_token, resume_grace_ms=resume_grace_ms))
+        ]
+        self._merging: dict[str, pb.TokenDelta] = {}  # stream id -> its unsent token frame
         self._actions: list[Action] = []
         self._next_auto_id = 1
 
@@ -111,24 +125,96 @@ class Session:
     def live_streams(self) -> int:
         return len(self._streams)
 
+    def is_fresh(self) -> bool:
+        """No stream has ever run here: the session may be swapped for a resumed one."""
+        return not self._streams and not self._ended and self._next_auto_id == 1
+
     def has_output(self) -> bool:
         return bool(self._outbox)
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def detach(self, now_ns: int) -> None:
+        """The connection is gone; streams go on into their replay buffers."""
+        self.attached = False
+        self.detached_ns = now_ns
+        self._outbox.clear()
+
+    def resume(self, resume: pb.Resume, now_ns: int) -> None:
+        """A new connection takes over: `resumed`, then the frames each listed stream missed."""
+        self.attached = True
+        self.detached_ns = 0
+        self._merging.clear()
+        self._outbox = [pb.ServerFrame()]  # the `resumed` frame, filled in below
+        resumed = self._outbox[0].resumed
+        resumed.session_id = self.id
+        for position in resume.streams:
+            sid = position.stream_id
+            stream = self._streams.get(sid) or self._ended.get(sid)
+            entry = resumed.streams.add(stream_id=sid, after_seq=position.last_seq)
+            if stream is None:
+                continue
+            entry.known = True
+            entry.live = sid in self._streams
+            frames = stream.replay_after(position.last_seq)
+            if frames is None:
+                self.reject(sid, SessionExpired(f"frames of stream {sid!r} after seq {position.last_seq} are no longer kept"))
+                continue
+            entry.replayed = len(frames)
+            self._outbox.extend(frames)
+
+    def close(self, now_ns: int) -> None:
+        """Ends the session: cancels every live stream; nothing is resumable afterwards."""
+        self.closed = True
+        for stream in list(self._streams.values()):
+            stream.move(CANCEL)
+            self._actions.append(CancelUpstream(stream.id))
+            self._finish(stream, FinishReason.CANCELLED, now_ns)
+
+    def tick(self, now_ns: int) -> None:
+        """Sends a heartbeat for every live stream that has sent nothing for the interval."""
+        if not self.attached:
+            return
+        for stream in self._streams.values():
+            idle = now_ns - stream.last_sent_ns
+            if idle >= self._heartbeat_ns:
+                stream.last_sent_ns = now_ns
+                self._outbox.append(pb.ServerFrame(heartbeat=pb.Heartbeat(stream_id=stream.id, idle_ms=idle // 1_000_000)))
+
+    def summary(self, now_ns: int) -> pb.SessionState:
+        state = pb.SessionState(
+            session_id=self.id,
+            attached=self.attached,
+            detached_ms=0 if self.attached else (now_ns - self.detached_ns) // 1_000_000,
+        )
+        for stream in [*self._streams.values(), *self._ended.values()]:
+            state.streams.add(stream_id=stream.id, phase=stream.phase.value, seq=stream.seq, model=stream.request.model)
+        for name, history in self._conversations.items():
+            state.conversations.add(name=name, messages=len(history))
+        return state
 
     # -- input -----------------------------------------------------------------------------------
 
     def receive_frame(self, frame: pb.ClientFrame, now_ns: int) -> None:
-        """Handles one client frame. Never raises for bad input: it answers with an error."""
+        """Handles one client frame (not `resume`: the registry handles that). Never raises for
+        bad input: it answers with an error frame."""
         kind = frame.WhichOneof("kind")
         if kind == "start":
             self._start(frame.start, now_ns)
         elif kind == "cancel":
             self._cancel(frame.cancel.stream_id, now_ns)
+        elif kind == "modify":
+            self._modify(frame.modify, now_ns)
         elif kind == "ping":
             self._outbox.append(
                 pb.ServerFrame(pong=pb.Pong(nonce=frame.ping.nonce, server_time_us=self._wall_time_ns() // 1000))
             )
+        elif kind == "close":
+            self.close(now_ns)
+        elif kind == "resume":
+            self.reject("", InvalidRequest("resume must be the first frame of a connection"))
         else:
-            self._reject("", InvalidRequest("empty frame: set one of start, cancel, ping"))
+            self.reject("", InvalidRequest("empty frame: set one of start, cancel, modify, ping, resume, close"))
 
     def receive_event(self, stream_id: str, event: StreamEvent, now_ns: int) -> bool:
         """Applies one event of a live stream; returns whether the stream is still live.
@@ -149,48 +235,42 @@ class Session:
         if cls is ReasoningDelta:
             latency_us = stream.mark_content(now_ns)
             stream.seq += 1
-            self._outbox.append(
-                pb.ServerFrame(
-                    reasoning=pb.ReasoningDelta(
-                        stream_id=stream_id, seq=stream.seq, text=event.text, latency_us=latency_us  # type: ignore[union-attr]
-                    )
-                )
-            )
+            frame = pb.ServerFrame()
+            frame.reasoning.stream_id = stream_id
+            frame.reasoning.seq = stream.seq
+            frame.reasoning.text = event.text  # type: ignore[union-attr]
+            frame.reasoning.latency_us = latency_us
+            self._emit(stream, frame, now_ns)
         elif cls is ToolCallDelta:
             assert isinstance(event, ToolCallDelta)
             latency_us = stream.mark_content(now_ns)
+            stream.add_tool_call(event)
             stream.seq += 1
-            self._outbox.append(
-                pb.ServerFrame(
-                    tool_call=pb.ToolCallDelta(
-                        stream_id=stream_id,
-                        seq=stream.seq,
-                        index=event.index,
-                        id=event.id,
-                        name=event.name,
-                        arguments=event.arguments,
-                        latency_us=latency_us,
-                    )
-                )
+            call = pb.ToolCallDelta(
+                stream_id=stream_id,
+                seq=stream.seq,
+                index=event.index,
+                id=event.id,
+                name=event.name,
+                arguments=event.arguments,
+                latency_us=latency_us,
             )
+            self._emit(stream, pb.ServerFrame(tool_call=call), now_ns)
         elif cls is Routed:
             assert isinstance(event, Routed)
             stream.deployment = event.deployment
-            if stream.seq == 0:  # the first routing; a failover re-route sends no second frame
+            if stream.seq == 0:  # the first routing; failover and restarts send no second frame
                 stream.seq = 1
-                self._outbox.append(
-                    pb.ServerFrame(
-                        started=pb.StreamStarted(
-                            stream_id=stream_id,
-                            seq=1,
-                            model=stream.request.model,
-                            provider=event.provider,
-                            upstream_model=event.upstream_model,
-                            deployment=event.deployment,
-                            latency_us=(now_ns - stream.started_ns) // 1000,
-                        )
-                    )
+                started = pb.StreamStarted(
+                    stream_id=stream_id,
+                    seq=1,
+                    model=stream.request.model,
+                    provider=event.provider,
+                    upstream_model=event.upstream_model,
+                    deployment=event.deployment,
+                    latency_us=(now_ns - stream.started_ns) // 1000,
                 )
+                self._emit(stream, pb.ServerFrame(started=started), now_ns)
         elif phase is Phase.DONE:
             assert isinstance(event, Finished)
             self._finish(stream, event.reason, now_ns)
@@ -215,38 +295,67 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _emit(self, stream: Stream, frame: pb.ServerFrame, now_ns: int) -> None:
+        """Queues a frame that carries a sequence number: replay buffer, and the outbox when a
+        connection is attached."""
+        stream.replay.append(frame)
+        stream.last_sent_ns = now_ns
+        if self.attached:
+            self._outbox.append(frame)
+
     def _token(self, stream: Stream, text: str, now_ns: int) -> None:
         latency_us = stream.mark_content(now_ns)
         stream.seq += 1
+        stream.text_parts.append(text)
         merging = self._merging.get(stream.id)
         if merging is not None:
             merging.text += text
             merging.seq = stream.seq
             merging.count = (merging.count or 1) + 1
+            stream.last_sent_ns = now_ns
             return
-        frame = pb.ServerFrame(
-            token=pb.TokenDelta(stream_id=stream.id, seq=stream.seq, text=text, latency_us=latency_us)
-        )
-        self._outbox.append(frame)
-        self._merging[stream.id] = frame.token
+        frame = pb.ServerFrame()
+        token = frame.token
+        token.stream_id = stream.id
+        token.seq = stream.seq
+        token.text = text
+        token.latency_us = latency_us
+        self._emit(stream, frame, now_ns)
+        self._merging[stream.id] = token
 
     def _start(self, start: pb.StartStream, now_ns: int) -> None:
         stream_id = start.stream_id
         try:
+            if self.closed:
+                raise InvalidRequest("the session is closed")
             if not stream_id:
                 stream_id = self._auto_id()
             elif len(stream_id) > self._limits.max_stream_id_chars:
                 raise InvalidRequest(f"stream id longer than {self._limits.max_stream_id_chars} characters")
             if stream_id in self._streams:
                 raise DuplicateStream(f"stream {stream_id!r} is already running on this connection")
-            request = self._to_request(start)
+            request = to_request(start, self._limits, self._known_models)
+            conversation = start.conversation
+            if conversation:
+                request = self._with_history(conversation, request)
             if len(self._streams) >= self._limits.max_streams:
                 raise TooManyStreams(f"at most {self._limits.max_streams} concurrent streams per connection")
         except CallerError as exc:
-            self._reject(stream_id, exc)
+            self.reject(stream_id, exc)
             return
-        self._streams[stream_id] = Stream(stream_id, request, now_ns)
+        self._ended.pop(stream_id, None)
+        self._streams[stream_id] = Stream(stream_id, request, conversation, now_ns, self._limits.max_replay_frames)
         self._actions.append(StartUpstream(stream_id, request))
+
+    def _with_history(self, conversation: str, request: ChatRequest) -> ChatRequest:
+        if any(s.conversation == conversation for s in self._streams.values()):
+            raise InvalidRequest(f"conversation {conversation!r} already has a running stream")
+        history = self._conversations.get(conversation)
+        if history is None:
+            if len(self._conversations) >= self._limits.max_conversations:
+                raise InvalidRequest(f"at most {self._limits.max_conversations} conversations per session")
+            return request
+        return replace(request, messages=(*history, *request.messages))
 
     def _auto_id(self) -> str:
         while True:
@@ -255,119 +364,91 @@ class Session:
             if candidate not in self._streams:
                 return candidate
 
-    def _to_request(self, start: pb.StartStream) -> ChatRequest:
-        limits = self._limits
-        if not start.model:
-            raise InvalidRequest("model is required")
-        if start.model not in self._known_models:
-            raise UnknownModel(f"unknown model {start.model!r}; ListModels gives the served names")
-        if not start.messages:
-            raise InvalidRequest("messages must hold at least one message")
-        if len(start.messages) > limits.max_messages:
-            raise InvalidRequest(f"at most {limits.max_messages} messages per request")
-        messages = []
-        for i, m in enumerate(start.messages):
-            if m.role not in ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}")
-            messages.append(
-                ChatMessage(
-                    role=m.role,
-                    content=m.content,
-                    name=m.name,
-                    tool_call_id=m.tool_call_id,
-                    tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
-                )
-            )
-        p = start.params
-        temperature = p.temperature if p.HasField("temperature") else None
-        top_p = p.top_p if p.HasField("top_p") else None
-        max_tokens = p.max_tokens if p.HasField("max_tokens") else None
-        if temperature is not None and not (0.0 <= temperature <= 2.0 and math.isfinite(temperature)):
-            raise InvalidRequest("temperature must be between 0 and 2")
-        if top_p is not None and not (0.0 <= top_p <= 1.0 and math.isfinite(top_p)):
-            raise InvalidRequest("top_p must be between 0 and 1")
-        if max_tokens is not None and not (1 <= max_tokens <= limits.max_tokens_cap):
-            raise InvalidRequest(f"max_tokens must be between 1 and {limits.max_tokens_cap}")
-        if len(p.stop) > limits.max_stop_sequences or any(not s for s in p.stop):
-            raise InvalidRequest(f"stop takes at most {limits.max_stop_sequences} non-empty strings")
-        if len(start.tools) > limits.max_tools:
-            raise InvalidRequest(f"at most {limits.max_tools} tools per request")
-        tools = []
-        for i, t in enumerate(start.tools):
-            if not t.name:
-                raise InvalidRequest(f"tools[{i}] needs a name")
-            try:
-                schema = json.loads(t.parameters_json or "{}")
-            except ValueError:
-                raise InvalidRequest(f"tools[{i}].parameters is not valid JSON") from None
-            if not isinstance(schema, dict):
-                raise InvalidRequest(f"tools[{i}].parameters must be a JSON object")
-            tools.append(ToolSpec(t.name, t.description, t.parameters_json or "{}"))
-        choice = start.tool_choice
-        if choice and choice not in ("auto", "none", "required") and choice not in {t.name for t in tools}:
-            raise InvalidRequest("tool_choice must be auto, none, required or the name of a given tool")
-        return ChatRequest(
-            model=start.model,
-            messages=tuple(messages),
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            stop=tuple(p.stop),
-            seed=p.seed if p.HasField("seed") else None,
-            tools=tuple(tools),
-            tool_choice=choice,
-        )
-
     def _cancel(self, stream_id: str, now_ns: int) -> None:
         stream = self._streams.get(stream_id)
         if stream is None:
-            self._reject(stream_id, UnknownStream(f"no running stream {stream_id!r} on this connection"))
+            self.reject(stream_id, UnknownStream(f"no running stream {stream_id!r} on this connection"))
             return
         stream.move(CANCEL)
         self._actions.append(CancelUpstream(stream_id))
-        self._merging.pop(stream_id, None)
         self._finish(stream, FinishReason.CANCELLED, now_ns)
 
-    def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
+    def _modify(self, modify: pb.Modify, now_ns: int) -> None:
+        sid = modify.stream_id
+        stream = self._streams.get(sid)
+        if stream is None:
+            self.reject(sid, UnknownStream(f"no running stream {sid!r} to modify"))
+            return
+        try:
+            base = to_messages(modify.messages, self._limits) if modify.messages else list(stream.request.messages)
+            if modify.keep_partial:
+                answer = stream.answer()
+                if answer.content or answer.tool_calls:
+                    base.append(answer)
+            base.extend(to_messages(modify.append, self._limits, "append"))
+            if not modify.messages and not modify.append:
+                raise InvalidRequest("modify needs messages or append")
+            if len(base) > self._limits.max_messages:
+                raise InvalidRequest(f"at most {self._limits.max_messages} messages per request")
+        except CallerError as exc:
+            self.reject(sid, exc)
+            return
+        stream.move(MODIFY)
+        latency_us = (now_ns - stream.last_ns) // 1000
+        request = replace(stream.request, messages=tuple(base))
+        stream.restart(request, now_ns)
+        self._merging.pop(sid, None)
+        self._actions.append(CancelUpstream(sid))
+        self._actions.append(StartUpstream(sid, request))
+        stream.seq += 1
+        restarted = pb.StreamRestarted(stream_id=sid, seq=stream.seq, keep_partial=modify.keep_partial, latency_us=latency_us)
+        self._emit(stream, pb.ServerFrame(restarted=restarted), now_ns)
+
+    def _end(self, stream: Stream) -> None:
+        """Moves a stream from live to ended, and records its turn in its conversation."""
         del self._streams[stream.id]
         self._merging.pop(stream.id, None)
+        self._ended[stream.id] = stream
+        while len(self._ended) > self._limits.max_ended_streams:
+            self._ended.popitem(last=False)
+        if stream.conversation:
+            answer = stream.answer()
+            history = [*stream.request.messages, *([answer] if answer.content or answer.tool_calls else [])]
+            self._conversations[stream.conversation] = _trim(history, self._limits.max_history_messages)
+
+    def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
+        self._end(stream)
         stream.seq += 1
-        self._outbox.append(
-            pb.ServerFrame(
-                done=pb.StreamDone(
-                    stream_id=stream.id,
-                    seq=stream.seq,
-                    finish_reason=FINISH_TO_PROTO[reason],  # type: ignore[arg-type]
-                    usage=self._usage(stream),
-                    timing=self._timing(stream, now_ns),
-                    deployment=stream.deployment,
-                    latency_us=(now_ns - stream.last_ns) // 1000,
-                )
-            )
+        done = pb.StreamDone(
+            stream_id=stream.id,
+            seq=stream.seq,
+            finish_reason=FINISH_TO_PROTO[reason],  # type: ignore[arg-type]
+            usage=self._usage(stream),
+            timing=self._timing(stream, now_ns),
+            deployment=stream.deployment,
+            latency_us=(now_ns - stream.last_ns) // 1000,
         )
+        self._emit(stream, pb.ServerFrame(done=done), now_ns)
 
     def _fail(self, stream: Stream, error: ProxyError, now_ns: int) -> None:
-        del self._streams[stream.id]
-        self._merging.pop(stream.id, None)
+        self._end(stream)
         stream.seq += 1
-        self._outbox.append(
-            pb.ServerFrame(
-                error=pb.StreamError(
-                    stream_id=stream.id,
-                    seq=stream.seq,
-                    code=CODE_TO_PROTO[error.code],  # type: ignore[arg-type]
-                    message=error.message,
-                    retryable=error.retryable,
-                    retry_after_ms=int((error.retry_after_s or 0) * 1000),
-                    usage=self._usage(stream),
-                    timing=self._timing(stream, now_ns),
-                    deployment=stream.deployment,
-                    latency_us=(now_ns - stream.last_ns) // 1000,
-                )
-            )
+        failure = pb.StreamError(
+            stream_id=stream.id,
+            seq=stream.seq,
+            code=CODE_TO_PROTO[error.code],  # type: ignore[arg-type]
+            message=error.message,
+            retryable=error.retryable,
+            retry_after_ms=int((error.retry_after_s or 0) * 1000),
+            usage=self._usage(stream),
+            timing=self._timing(stream, now_ns),
+            deployment=stream.deployment,
+            latency_us=(now_ns - stream.last_ns) // 1000,
         )
+        self._emit(stream, pb.ServerFrame(error=failure), now_ns)
 
-    def _reject(self, stream_id: str, error: ProxyError) -> None:
+    def reject(self, stream_id: str, error: ProxyError) -> None:
+        """Answers a frame that was refused: an error with `seq` 0 that changes no stream."""
         self._outbox.append(
             pb.ServerFrame(
                 error=pb.StreamError(
@@ -375,6 +456,7 @@ class Session:
                     code=CODE_TO_PROTO[error.code],  # type: ignore[arg-type]
                     message=error.message,
                     retryable=error.retryable,
+                    retry_after_ms=int((error.retry_after_s or 0) * 1000),
                 )
             )
         )
@@ -400,3 +482,13 @@ class Session:
             itl_p99_us=t.itl_p99_us,
             itl_max_us=t.itl_max_us,
         )
+
+
+def _trim(history: Iterable[ChatMessage], limit: int) -> list[ChatMessage]:
+    """Keeps the last `limit` messages, and a leading system message if there was one."""
+    items = list(history)
+    if len(items) <= limit:
+        return items
+    if items and items[0].role == "system":
+        return [items[0], *items[len(items) - limit + 1 :]]
+    return items[len(items) - limit :]

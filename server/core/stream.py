@@ -1,21 +1,26 @@
-"""One stream's state machine: phases, sequence numbers and timing. Sans-I/O.
+"""One stream's state machine: phases, sequence numbers, timing, replay buffer. Sans-I/O.
 
 Theory of operation. A stream is created by an accepted start frame (PENDING). The driver routes
 it (ROUTED), the provider's content events make it STREAMING, and it ends exactly once: DONE on
-the provider's finish event, FAILED on a failure, CANCELLED on the client's cancel. Every event
-is checked against TRANSITIONS; an event a phase does not list is a bug in the driver or an
-adapter and raises `IllegalTransition`. Times are monotonic nanoseconds passed in by the driver:
-this module never reads a clock.
+the provider's finish event, FAILED on a failure, CANCELLED on the client's cancel. A client's
+modify sends a live stream back to PENDING for its amended generation. Every event is checked
+against TRANSITIONS; an event a phase does not list is a bug in the driver or an adapter and
+raises `IllegalTransition`. Times are monotonic nanoseconds passed in by the driver: this module
+never reads a clock.
 
-Sequence numbers: `started` is 1, each content event consumes one, the final frame one more.
+Sequence numbers: `started` is 1, each content event consumes one, `restarted` one, the final
+frame one more. Every frame that carries a sequence number is also kept, in order, in the
+stream's bounded replay buffer, so a client that reconnects gets exactly what it missed.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass
 
+from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.events import (
     Failed,
     Finished,
@@ -26,11 +31,11 @@ from server.core.events import (
     ToolCallDelta,
     UsageReport,
 )
-from server.core.request import ChatRequest
+from server.core.request import ChatMessage, ChatRequest, ToolCall
 
 
 class Phase(enum.Enum):
-    PENDING = "pending"  # accepted, not routed yet
+    PENDING = "pending"  # accepted (or restarted by modify), not routed yet
     ROUTED = "routed"  # routed to a deployment, no content yet
     STREAMING = "streaming"  # content has arrived
     DONE = "done"
@@ -44,31 +49,35 @@ class CancelRequested:
     __slots__ = ()
 
 
-CANCEL = CancelRequested()
+class ModifyRequested:
+    """The client amended the request: the generation restarts."""
 
-_CONTENT = (TextDelta, ReasoningDelta, ToolCallDelta)
+    __slots__ = ()
+
+
+CANCEL = CancelRequested()
+MODIFY = ModifyRequested()
+
+_LIVE_MOVES: dict[type, Phase] = {
+    UsageReport: Phase.STREAMING,
+    TextDelta: Phase.STREAMING,
+    ReasoningDelta: Phase.STREAMING,
+    ToolCallDelta: Phase.STREAMING,
+    Finished: Phase.DONE,
+    Failed: Phase.FAILED,
+    CancelRequested: Phase.CANCELLED,
+    ModifyRequested: Phase.PENDING,
+}
 
 TRANSITIONS: dict[Phase, dict[type, Phase]] = {
-    Phase.PENDING: {Routed: Phase.ROUTED, Failed: Phase.FAILED, CancelRequested: Phase.CANCELLED},
-    Phase.ROUTED: {
-        Routed: Phase.ROUTED,  # failover before the first token
-        UsageReport: Phase.ROUTED,
-        TextDelta: Phase.STREAMING,
-        ReasoningDelta: Phase.STREAMING,
-        ToolCallDelta: Phase.STREAMING,
-        Finished: Phase.DONE,
+    Phase.PENDING: {
+        Routed: Phase.ROUTED,
         Failed: Phase.FAILED,
         CancelRequested: Phase.CANCELLED,
+        ModifyRequested: Phase.PENDING,
     },
-    Phase.STREAMING: {
-        UsageReport: Phase.STREAMING,
-        TextDelta: Phase.STREAMING,
-        ReasoningDelta: Phase.STREAMING,
-        ToolCallDelta: Phase.STREAMING,
-        Finished: Phase.DONE,
-        Failed: Phase.FAILED,
-        CancelRequested: Phase.CANCELLED,
-    },
+    Phase.ROUTED: {**_LIVE_MOVES, Routed: Phase.ROUTED, UsageReport: Phase.ROUTED},  # Routed: failover
+    Phase.STREAMING: _LIVE_MOVES,
     Phase.DONE: {},
     Phase.FAILED: {},
     Phase.CANCELLED: {},
@@ -99,23 +108,35 @@ class Stream:
     __slots__ = (
         "id",
         "request",
+        "conversation",
         "phase",
         "seq",
         "started_ns",
         "first_ns",
         "last_ns",
+        "last_sent_ns",
         "gaps_ns",
         "prompt_tokens",
         "completion_tokens",
         "reasoning_tokens",
         "deployment",
+        "replay",
+        "text_parts",
+        "tool_calls",
     )
 
-    def __init__(self, stream_id: str, request: ChatRequest, now_ns: int) -> None:
+    def __init__(self, stream_id: str, request: ChatRequest, conversation: str, now_ns: int, max_replay: int) -> None:
         self.id = stream_id
         self.request = request
+        self.conversation = conversation
         self.phase = Phase.PENDING
         self.seq = 0
+        self.deployment = ""
+        self.replay: deque[pb.ServerFrame] = deque(maxlen=max_replay)
+        self.last_sent_ns = now_ns
+        self._reset(now_ns)
+
+    def _reset(self, now_ns: int) -> None:
         self.started_ns = now_ns
         self.first_ns = 0
         self.last_ns = now_ns
@@ -123,17 +144,21 @@ class Stream:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reasoning_tokens = 0
-        self.deployment = ""
+        self.text_parts: list[str] = []
+        self.tool_calls: dict[int, list[str]] = {}  # index -> [id, name, arguments...]
 
-    def move(self, event: StreamEvent | CancelRequested) -> Phase:
+    def move(self, event: StreamEvent | CancelRequested | ModifyRequested) -> Phase:
         """Applies the transition for `event`; raises `IllegalTransition` if there is none."""
         try:
             self.phase = TRANSITIONS[self.phase][type(event)]
         except KeyError:
-            raise IllegalTransition(
-                f"stream {self.id!r}: {type(event).__name__} in phase {self.phase.value}"
-            ) from None
+            raise IllegalTransition(f"stream {self.id!r}: {type(event).__name__} in phase {self.phase.value}") from None
         return self.phase
+
+    def restart(self, request: ChatRequest, now_ns: int) -> None:
+        """A new generation under the same id: timing and the answer start over."""
+        self.request = request
+        self._reset(now_ns)
 
     def mark_content(self, now_ns: int) -> int:
         """Records a content event's arrival; returns the gap since the previous one (or since
@@ -146,6 +171,18 @@ class Stream:
         self.last_ns = now_ns
         return gap // 1000
 
+    def add_tool_call(self, delta: ToolCallDelta) -> None:
+        parts = self.tool_calls.get(delta.index)
+        if parts is None:
+            self.tool_calls[delta.index] = [delta.id, delta.name, delta.arguments]
+        else:
+            parts.append(delta.arguments)
+
+    def answer(self) -> ChatMessage:
+        """The assistant's answer so far, as a message for the conversation history."""
+        calls = tuple(ToolCall(p[0], p[1], "".join(p[2:])) for _, p in sorted(self.tool_calls.items()))
+        return ChatMessage(role="assistant", content="".join(self.text_parts), tool_calls=calls)
+
     def add_usage(self, usage: UsageReport) -> None:
         if usage.prompt_tokens:
             self.prompt_tokens = usage.prompt_tokens
@@ -153,6 +190,18 @@ class Stream:
             self.completion_tokens = usage.completion_tokens
         if usage.reasoning_tokens:
             self.reasoning_tokens = usage.reasoning_tokens
+
+    def replay_after(self, last_seq: int) -> list[pb.ServerFrame] | None:
+        """The kept frames after `last_seq`, or None when some of them were already dropped."""
+        frames = [f for f in self.replay if _seq_of(f) > last_seq]
+        if frames:
+            first = frames[0]
+            first_seq = _seq_of(first) - max(first.token.count, 1) + 1 if first.HasField("token") else _seq_of(first)
+            if first_seq > last_seq + 1:
+                return None
+        elif self.seq > last_seq:
+            return None
+        return frames
 
     def timing(self, now_ns: int) -> TimingSummary:
         gaps = sorted(self.gaps_ns)
@@ -168,6 +217,11 @@ class Stream:
             itl_p99_us=_percentile(gaps, 0.99) // 1000,
             itl_max_us=(gaps[-1] // 1000) if gaps else 0,
         )
+
+
+def _seq_of(frame: pb.ServerFrame) -> int:
+    kind = frame.WhichOneof("kind")
+    return getattr(frame, kind).seq  # type: ignore[no-any-return]
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:

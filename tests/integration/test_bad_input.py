@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.integration.conftest import FAST_DEMO
-from tests.support.ws import collect, recv, send, start_frame, text_of
+from tests.support.ws import open_ws, collect, recv, send, start_frame, text_of
 
 BAD_FRAMES = [
     ("{not json", "malformed_frame", ""),
@@ -36,7 +35,7 @@ async def assert_still_streams(ws) -> None:
 
 @pytest.mark.parametrize("raw, code, sid", BAD_FRAMES, ids=[b[1] + ":" + b[0][:30] for b in BAD_FRAMES])
 async def test_bad_frame_gets_typed_error_and_connection_goes_on(proxy, raw, code, sid):
-    async with connect(proxy.ws_url) as ws:
+    async with open_ws(proxy.ws_url) as ws:
         await ws.send(raw)
         err = await recv(ws)
         assert err["type"] == "error" and err["code"] == code and err["id"] == sid and err["seq"] == 0
@@ -46,7 +45,7 @@ async def test_bad_frame_gets_typed_error_and_connection_goes_on(proxy, raw, cod
 
 
 async def test_binary_frame_is_refused_with_a_typed_error(proxy):
-    async with connect(proxy.ws_url) as ws:
+    async with open_ws(proxy.ws_url) as ws:
         await ws.send(b'{"type": "ping"}')
         err = await recv(ws)
         assert err["code"] == "malformed_frame" and "binary" in err["message"]
@@ -55,12 +54,12 @@ async def test_binary_frame_is_refused_with_a_typed_error(proxy):
 
 async def test_oversized_frame_gets_frame_too_large_and_a_huge_one_closes_1009(proxy_factory):
     p = proxy_factory(bridge_args=("--max-frame-bytes", "4096"))
-    async with connect(p.ws_url, max_size=None) as ws:
+    async with open_ws(p.ws_url, max_size=None) as ws:
         await send(ws, start_frame("big", prompt="x" * 5000))
         err = await recv(ws)
         assert err["code"] == "frame_too_large"
         await assert_still_streams(ws)
-    async with connect(p.ws_url, max_size=None) as ws:
+    async with open_ws(p.ws_url, max_size=None) as ws:
         await ws.send("x" * 20000)
         with pytest.raises(ConnectionClosed) as closed:
             await recv(ws)
@@ -68,7 +67,7 @@ async def test_oversized_frame_gets_frame_too_large_and_a_huge_one_closes_1009(p
 
 
 async def test_duplicate_stream_id_is_refused_and_the_first_stream_is_untouched(proxy):
-    async with connect(proxy.ws_url) as ws:
+    async with open_ws(proxy.ws_url) as ws:
         await send(ws, start_frame("dup", max_tokens=20))
         await send(ws, start_frame("dup", max_tokens=20))
         frames = (await collect(ws, {"dup"}))["dup"]
@@ -79,7 +78,7 @@ async def test_duplicate_stream_id_is_refused_and_the_first_stream_is_untouched(
 
 async def test_too_many_streams_is_refused_and_the_others_run(proxy_factory):
     p = proxy_factory(server_args=(*FAST_DEMO, "--max-streams", "2"))
-    async with connect(p.ws_url) as ws:
+    async with open_ws(p.ws_url) as ws:
         for sid in ("a", "b", "c"):
             await send(ws, start_frame(sid, max_tokens=10))
         frames = await collect(ws, {"a", "b", "c"})
@@ -89,7 +88,7 @@ async def test_too_many_streams_is_refused_and_the_others_run(proxy_factory):
 
 
 async def test_deeply_nested_json_is_malformed_not_a_crash(proxy):
-    async with connect(proxy.ws_url) as ws:
+    async with open_ws(proxy.ws_url) as ws:
         await ws.send("[" * 5000 + "]" * 5000)
         err = await recv(ws)
         assert err["code"] == "malformed_frame"

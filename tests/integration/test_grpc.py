@@ -47,7 +47,7 @@ def test_grpcurl_streams_a_request(proxy):
     )
     assert out.returncode == 0, out.stderr
     frames = [json.loads(chunk) for chunk in out.stdout.replace("}\n{", "}\x00{").split("\x00")]
-    assert "started" in frames[0] and "done" in frames[-1]
+    assert "session" in frames[0] and "started" in frames[1] and "done" in frames[-1]
     assert "".join(f["token"]["text"] for f in frames if "token" in f).startswith("A black hole is a region")
 
 

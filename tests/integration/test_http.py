@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+
+from tests.support.ws import open_ws
 
 
 def test_healthz_and_static_pages(proxy):
@@ -26,9 +27,9 @@ def test_every_miss_is_the_same_404(proxy, path):
 
 async def test_foreign_origin_is_refused_at_the_handshake(proxy):
     with pytest.raises(InvalidStatus) as refused:
-        async with connect(proxy.ws_url, origin="http://evil.example.com"):
+        async with open_ws(proxy.ws_url, origin="http://evil.example.com"):
             pass
     assert refused.value.response.status_code == 403
-    async with connect(proxy.ws_url, origin=proxy.http_url) as ws:  # the page's own origin is fine
+    async with open_ws(proxy.ws_url, origin=proxy.http_url) as ws:  # the page's own origin is fine
         await ws.send('{"type": "ping"}')
         assert "pong" in await ws.recv()

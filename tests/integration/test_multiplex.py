@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 
-from websockets.asyncio.client import connect
 
-from tests.support.ws import collect, recv, send, start_frame, text_of
+from tests.support.ws import open_ws, collect, recv, send, start_frame, text_of
 
 PROMPTS = {"q": "Explain quantum computing", "p": "How does photosynthesis work?", "b": "What is a black hole?"}
 PACE = ("--demo-ttft-ms", "50", "--demo-tokens-per-s", "20", "--demo-jitter", "0")  # 50 ms per token
 
 
 async def run_alone(ws_url: str, sid: str, prompt: str) -> str:
-    async with connect(ws_url) as ws:
+    async with open_ws(ws_url) as ws:
         await send(ws, start_frame(sid, prompt, seed=3))
         return text_of((await collect(ws, {sid}))[sid])
 
@@ -22,7 +21,7 @@ async def test_three_streams_interleave_and_cancel_stops_one_within_a_token_inte
     p = proxy_factory(server_args=PACE)
     frames: dict[str, list[dict]] = {sid: [] for sid in PROMPTS}
     cancel_sent = 0.0
-    async with connect(p.ws_url) as ws:
+    async with open_ws(p.ws_url) as ws:
         for sid, prompt in PROMPTS.items():
             await send(ws, start_frame(sid, prompt, seed=3))
         open_ids = set(PROMPTS)

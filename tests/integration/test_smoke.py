@@ -11,7 +11,7 @@ async def test_bare_request_streams_token_and_latency_on_every_frame(proxy):
             if frames[-1]["type"] in ("done", "error"):
                 break
     assert all(isinstance(f["token"], str) and f["latency"].endswith("ms") for f in frames)
-    assert frames[0]["type"] == "started" and frames[-1]["type"] == "done"
+    assert [f["type"] for f in frames[:2]] == ["session", "started"] and frames[-1]["type"] == "done"
     text = "".join(f["token"] for f in frames)
     assert text.startswith("Quantum computing uses the rules of quantum mechanics")
     assert frames[-1]["finish_reason"] == "stop"

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
+
+
+@asynccontextmanager
+async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[ClientConnection]:
+    """Connects and reads the `session` frame every connection starts with (kept as
+    `ws.session`)."""
+    async with connect(url, **kwargs) as ws:
+        first = await recv(ws)
+        assert first["type"] == "session" and first["token"] == "" and first["resume_token"], first
+        ws.session = first  # type: ignore[attr-defined]
+        yield ws
 
 
 def start_frame(sid: str | None, prompt: str = "Explain quantum computing", model: str = "demo", **extra: Any) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class LLMProxyClient:
         self._handles: dict[str, StreamHandle] = {}
         self._pongs: dict[int, asyncio.Future[pb.Pong]] = {}
         self._ids = itertools.count(1)
+        self.session: pb.SessionInfo | None = None  # from the call's first frame
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
 
     async def __aenter__(self) -> LLMProxyClient:
@@ -180,6 +181,11 @@ class LLMProxyClient:
         try:
             async for frame in call:
                 kind = frame.WhichOneof("kind")
+                if kind == "session":
+                    self.session = frame.session
+                    continue
+                if kind in ("resumed", "heartbeat"):
+                    continue
                 if kind == "pong":
                     future = self._pongs.pop(frame.pong.nonce, None)
                     if future is not None and not future.done():

@@ -11,8 +11,11 @@ from server.errors import Overloaded, StreamCut
 MS = 1_000_000  # ns
 
 
-def make(max_streams=4):
-    return Session(SessionLimits(max_streams=max_streams), {"demo"}, lambda: 1_700_000_000_000_000_000)
+def make(max_streams=4, **limits):
+    s = Session("sess", "tok", SessionLimits(max_streams=max_streams, **limits), {"demo"}, lambda: 1_700_000_000_000_000_000, 0)
+    (hello,) = s.frames_to_send()
+    assert hello.session.session_id == "sess" and hello.session.resume_token == "tok"
+    return s
 
 
 def start(session, sid="a", model="demo", now=0, **params):

@@ -1,0 +1,110 @@
+"""Sessions by id: creation, resume, detach and expiry. Sans-I/O.
+
+A connection gets a fresh session when it opens. A `resume` as its first frame swaps that fresh
+session for the earlier one, if the id is known and the token matches (compared in constant
+time); otherwise the connection keeps its fresh session and gets one EXPIRED error that does not
+say which of the three checks failed. A detached session lives `resume_grace_s`; then it is
+closed (its streams cancelled) and forgotten. When the session count reaches its limit, the
+session detached the longest is evicted first; if every session is attached, creation fails.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Container, Iterator
+
+from llmproxy.v1 import llmproxy_pb2 as pb
+from server.core.session import Session
+from server.core.session_limits import SessionLimits
+from server.errors import InvalidRequest, SessionExpired, TooManySessions
+
+EXPIRED_MESSAGE = "no such session, or it has expired"
+
+
+class SessionRegistry:
+    def __init__(
+        self,
+        limits: SessionLimits,
+        known_models: Container[str],
+        wall_time_ns: Callable[[], int],
+        new_secret: Callable[[int], str],
+        resume_grace_s: float = 30.0,
+        max_sessions: int = 100_000,
+    ) -> None:
+        self._limits = limits
+        self._known_models = known_models
+        self._wall_time_ns = wall_time_ns
+        self._new_secret = new_secret  # bytes of entropy -> URL-safe text
+        self._grace_ns = int(resume_grace_s * 1e9)
+        self._max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._forgotten: list[Session] = []  # closed here; their actions are not yet applied
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def create(self, now_ns: int) -> Session:
+        """A fresh, attached session. Raises `TooManySessions` when none can be evicted."""
+        if len(self._sessions) >= self._max_sessions:
+            detached = [s for s in self._sessions.values() if not s.attached]
+            if not detached:
+                raise TooManySessions(f"the server holds its maximum of {self._max_sessions} sessions")
+            oldest = min(detached, key=lambda s: s.detached_ns)
+            self._forget(oldest, now_ns)
+        session = Session(
+            self._new_secret(12),
+            self._new_secret(32),
+            self._limits,
+            self._known_models,
+            self._wall_time_ns,
+            now_ns,
+            resume_grace_ms=self._grace_ns // 1_000_000,
+        )
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str, token: str) -> Session | None:
+        """The session if the token matches, else None (constant-time comparison)."""
+        session = self._sessions.get(session_id)
+        # Compare against a same-length dummy when the id is unknown, so timing says nothing.
+        expected = session.token if session is not None else "x" * len(token)
+        if not hmac.compare_digest(expected.encode(), token.encode()) or session is None or session.closed:
+            return None
+        return session
+
+    def resume(self, current: Session, resume: pb.Resume, now_ns: int) -> Session:
+        """The session the connection holds after `resume`: the resumed one, or `current` (which
+        then has an error frame queued)."""
+        if not current.is_fresh():
+            current.reject("", InvalidRequest("resume must come before any stream on a connection"))
+            return current
+        target = self.get(resume.session_id, resume.resume_token)
+        if target is None or target is current:
+            current.reject("", SessionExpired(EXPIRED_MESSAGE))
+            return current
+        del self._sessions[current.id]
+        target.resume(resume, now_ns)
+        return target
+
+    def detach(self, session: Session, now_ns: int) -> None:
+        """The session's connection ended. A closed session is forgotten at once."""
+        session.detach(now_ns)
+        if session.is_fresh() or (session.closed and session.live_streams == 0):
+            self._sessions.pop(session.id, None)  # nothing to resume
+
+    def expire(self, now_ns: int) -> list[Session]:
+        """Closes and forgets the sessions detached longer than the grace period; returns them
+        with any evicted since the last call. The caller applies their actions (which cancel
+        their upstream requests)."""
+        for session in [s for s in self._sessions.values() if not s.attached and now_ns - s.detached_ns >= self._grace_ns]:
+            self._forget(session, now_ns)
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten
+
+    def _forget(self, session: Session, now_ns: int) -> None:
+        session.close(now_ns)
+        del self._sessions[session.id]
+        self._forgotten.append(session)

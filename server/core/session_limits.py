@@ -1,0 +1,20 @@
+"""Limits of one session, all with defaults that a server flag can change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_streams: int = 32  # live streams per session
+    max_messages: int = 1024  # messages per request
+    max_stream_id_chars: int = 128
+    max_tokens_cap: int = 1_000_000  # a larger max_tokens is a mistake, not a request
+    max_stop_sequences: int = 16
+    max_tools: int = 128
+    max_replay_frames: int = 8192  # per stream; older frames cannot be replayed
+    max_ended_streams: int = 64  # ended streams kept for replay, per session
+    max_conversations: int = 32  # per session
+    max_history_messages: int = 256  # per conversation; the oldest are dropped first
+    heartbeat_interval_s: float = 15.0  # a live stream silent this long gets a heartbeat
