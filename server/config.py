@@ -1,17 +1,41 @@
 """Server configuration: command-line settings and the deployment catalog they describe.
 
-Without a config file the server serves the built-in `demo` provider (models `demo`, paced like
-a real model, and `demo-fast`, unpaced, for benchmarks).
+The built-in `demo` provider is always served (models `demo`, paced like a real model, and
+`demo-fast`, unpaced, for benchmarks). Further models come from two places:
+
+- the YAML file given with `--config` (documented in docs/configuration.md, example in
+  config.example.yaml), which maps public model names to one or more deployments;
+- the well-known models of each provider whose key is in the environment (`OPENAI_API_KEY`,
+  `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`), when there is no config file or it sets
+  `well_known: true`.
+
+Keys are read once here, from `env:NAME` or `file:/path` references, into `Secret`s. Base URLs
+come from this file only: no client field reaches them. A mistake in the file stops the start
+with a `ConfigError` naming the file, the line and the problem.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
 
 from server.catalog import Catalog
 from server.core.session import SessionLimits
+from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import Backend, DeploymentInfo
 from server.providers.demo import DemoBackend, DemoPace, load_corpus
+from server.providers.http import ClientPool, HttpSettings
+from server.providers.registry import BuildContext, Provider, providers
+
+BUILTIN_MODELS = ("demo", "demo-fast")
+
+
+class ConfigError(Exception):
+    """The config file is wrong; the message names the file, the line and the problem."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +47,30 @@ class ServerConfig:
     config_path: str | None = None
 
 
-def build_catalog(config: ServerConfig) -> Catalog:
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """One deployment of one public model, as the config file (or the environment) says."""
+
+    model: str  # the public name
+    info: DeploymentInfo
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The parsed config file."""
+
+    deployments: tuple[DeploymentSpec, ...] = ()
+    http: HttpSettings = field(default_factory=HttpSettings)
+    well_known: bool = True
+
+
+def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Catalog:
+    """Every model this server serves. Raises `ConfigError`. Builds the shared connection
+    pool; `Catalog.aclose()` closes it."""
+    env = os.environ if environ is None else environ
+    registry = providers()
+    proxy = load_config(config.config_path, registry, env) if config.config_path else ProxyConfig()
     corpus = load_corpus()
     models: dict[str, list[Backend]] = {
         "demo": [DemoBackend(DeploymentInfo("demo", "demo", "demo-corpus"), config.demo_pace, corpus)],
@@ -35,4 +82,217 @@ def build_catalog(config: ServerConfig) -> Catalog:
             )
         ],
     }
+    ctx = BuildContext(ClientPool(proxy.http), config.demo_pace, corpus)
+    specs = list(proxy.deployments)
+    if proxy.well_known:
+        configured = {spec.model for spec in specs}
+        specs += [s for s in well_known_deployments(registry, env) if s.model not in configured]
+    for spec in specs:
+        backend = registry[spec.info.provider].build(spec.info, spec.endpoint, ctx)
+        models.setdefault(spec.model, []).append(backend)
     return Catalog(models)
+
+
+def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, str]) -> list[DeploymentSpec]:
+    """The well-known models of each provider whose key variable is set and not empty."""
+    specs = []
+    for name, provider in registry.items():
+        key = env.get(provider.key_env, "") if provider.key_env else ""
+        if not key:
+            continue
+        for model in provider.well_known:
+            info = DeploymentInfo(f"{name}:{model}", name, model)
+            specs.append(DeploymentSpec(model, info, Endpoint(name, model, provider.default_base_url, Secret(key))))
+    return specs
+
+
+# -- the YAML file -------------------------------------------------------------------------------
+
+_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known"})
+_DEPLOYMENT_KEYS = frozenset(
+    {"provider", "model", "name", "base_url", "key", "weight", "timeouts", "headers", "api_version"}
+)
+_TIMEOUT_KEYS = frozenset({"connect_s", "first_token_s", "stall_s"})
+
+
+def load_config(path: str, registry: Mapping[str, Provider], env: Mapping[str, str]) -> ProxyConfig:
+    """Parses the config file at `path`; raises `ConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    return _Parser(path, registry, env).parse(text)
+
+
+class _Parser:
+    """Walks the YAML node tree so every error can name its line (yaml node marks)."""
+
+    def __init__(self, path: str, registry: Mapping[str, Provider], env: Mapping[str, str]) -> None:
+        self._path = path
+        self._registry = registry
+        self._env = env
+        self._loader = yaml.SafeLoader("")
+
+    def error(self, node: yaml.Node | None, problem: str) -> ConfigError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return ConfigError(f"{self._path}{line}: {problem}")
+
+    def parse(self, text: str) -> ProxyConfig:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{self._path}{where}: invalid YAML: {exc.problem or exc.context}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self._path}: invalid YAML: {exc}") from None
+        if root is None:
+            return ProxyConfig(well_known=False)
+        top = self.mapping(root, "the config file", _TOP_KEYS)
+        http = self.http(top["http"]) if "http" in top else HttpSettings()
+        timeouts = Timeouts()
+        if "defaults" in top:
+            defaults = self.mapping(top["defaults"], "defaults", frozenset({"timeouts"}))
+            if "timeouts" in defaults:
+                timeouts = self.timeouts(defaults["timeouts"], timeouts)
+        well_known = self.boolean(top["well_known"]) if "well_known" in top else False
+        deployments: list[DeploymentSpec] = []
+        if "models" in top:
+            models_node = top["models"]
+            for public, node in self.mapping(models_node, "models", None).items():
+                if public in BUILTIN_MODELS:
+                    raise self.error(node, f"model {public!r} is built in and cannot be configured")
+                items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+                if not items:
+                    raise self.error(node, f"model {public!r} has no deployments")
+                for i, item in enumerate(items):
+                    deployments.append(self.deployment(public, i, item, timeouts))
+        return ProxyConfig(tuple(deployments), http, well_known)
+
+    def deployment(self, public: str, index: int, node: yaml.Node, timeouts: Timeouts) -> DeploymentSpec:
+        fields = self.mapping(node, f"a deployment of {public!r}", _DEPLOYMENT_KEYS)
+        if "provider" not in fields:
+            raise self.error(node, f"a deployment of {public!r} needs a provider")
+        provider_name = self.string(fields["provider"])
+        provider = self._registry.get(provider_name)
+        if provider is None:
+            known = ", ".join(sorted(self._registry))
+            raise self.error(fields["provider"], f"unknown provider {provider_name!r} (known: {known})")
+        upstream = self.string(fields["model"]) if "model" in fields else public
+        base_url = self.base_url(fields["base_url"]) if "base_url" in fields else provider.default_base_url
+        if provider.needs_base_url and not base_url:
+            raise self.error(node, f"provider {provider_name!r} needs a base_url")
+        key: Secret | None = None
+        if "key" in fields:
+            key = self.key(fields["key"])
+        elif provider.key_env:
+            key = self.key_from_env(provider.key_env, node)
+        elif provider.needs_key:
+            raise self.error(node, f"provider {provider_name!r} needs a key (key: env:NAME or file:/path)")
+        weight = self.number(fields["weight"]) if "weight" in fields else 1.0
+        if weight <= 0:
+            raise self.error(fields["weight"], "weight must be greater than 0")
+        if "timeouts" in fields:
+            timeouts = self.timeouts(fields["timeouts"], timeouts)
+        headers: tuple[tuple[str, str], ...] = ()
+        if "headers" in fields:
+            headers = tuple(
+                (name, self.string(value)) for name, value in self.mapping(fields["headers"], "headers", None).items()
+            )
+        api_version = self.string(fields["api_version"]) if "api_version" in fields else ""
+        name = self.string(fields["name"]) if "name" in fields else f"{public}#{index + 1}"
+        info = DeploymentInfo(name, provider_name, upstream, weight)
+        endpoint = Endpoint(provider_name, upstream, base_url, key, headers, timeouts, api_version)
+        return DeploymentSpec(public, info, endpoint)
+
+    # -- typed readers --
+
+    def mapping(self, node: yaml.Node, what: str, allowed: frozenset[str] | None) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{what} must be a mapping")
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = self.string(key_node)
+            if key in out:
+                raise self.error(key_node, f"{key!r} appears twice in {what}")
+            if allowed is not None and key not in allowed:
+                raise self.error(key_node, f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})")
+            out[key] = value_node
+        return out
+
+    def scalar(self, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(node, "expected a single value")
+        return self._loader.construct_object(node, deep=True)
+
+    def string(self, node: yaml.Node) -> str:
+        value = self.scalar(node)
+        if not isinstance(value, str) or not value:
+            raise self.error(node, "expected a non-empty string")
+        return value
+
+    def number(self, node: yaml.Node) -> float:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(node, "expected a number")
+        return float(value)
+
+    def boolean(self, node: yaml.Node) -> bool:
+        value = self.scalar(node)
+        if not isinstance(value, bool):
+            raise self.error(node, "expected true or false")
+        return value
+
+    def base_url(self, node: yaml.Node) -> str:
+        value = self.string(node)
+        if not value.startswith(("http://", "https://")):
+            raise self.error(node, "base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    def timeouts(self, node: yaml.Node, base: Timeouts) -> Timeouts:
+        fields = self.mapping(node, "timeouts", _TIMEOUT_KEYS)
+        values = {}
+        for name, value_node in fields.items():
+            value = self.number(value_node)
+            if value <= 0:
+                raise self.error(value_node, f"{name} must be greater than 0")
+            values[name] = value
+        return Timeouts(
+            connect_s=values.get("connect_s", base.connect_s),
+            first_token_s=values.get("first_token_s", base.first_token_s),
+            stall_s=values.get("stall_s", base.stall_s),
+        )
+
+    def http(self, node: yaml.Node) -> HttpSettings:
+        fields = self.mapping(node, "http", frozenset({"transport", "http2"}))
+        transport = self.string(fields["transport"]) if "transport" in fields else "aiohttp"
+        if transport not in ("aiohttp", "httpx"):
+            raise self.error(fields["transport"], "transport must be aiohttp or httpx")
+        http2 = self.boolean(fields["http2"]) if "http2" in fields else False
+        if http2 and transport != "httpx":
+            raise self.error(fields["http2"], "http2 needs transport: httpx")
+        return HttpSettings(transport="aiohttp" if transport == "aiohttp" else "httpx", http2=http2)
+
+    def key(self, node: yaml.Node) -> Secret:
+        """A key reference: `env:NAME` or `file:/path` (never the key itself in the file)."""
+        ref = self.string(node)
+        scheme, _, rest = ref.partition(":")
+        if scheme == "env" and rest:
+            return self.key_from_env(rest, node)
+        if scheme == "file" and rest:
+            try:
+                with open(rest, encoding="utf-8") as f:
+                    value = f.read().strip()
+            except OSError as exc:
+                raise self.error(node, f"cannot read the key file {rest}: {exc.strerror}") from None
+            if not value:
+                raise self.error(node, f"the key file {rest} is empty")
+            return Secret(value)
+        raise self.error(node, "key must be a reference: env:NAME or file:/path")
+
+    def key_from_env(self, name: str, node: yaml.Node) -> Secret:
+        value = self._env.get(name, "")
+        if not value:
+            raise self.error(node, f"the environment variable {name} (the key) is not set")
+        return Secret(value)

@@ -1,0 +1,191 @@
+"""What every HTTP provider adapter is made of, and the pure helpers they share.
+
+An adapter is three pure functions of one provider's wire format (TensorZero-style stream
+mapping; Portkey-style one module per provider):
+
+    build_request(request, endpoint) -> httpx.Request      the upstream call, never sent here
+    new_decoder()                    -> StreamDecoder      feed(SSEEvent) -> [ProviderEvent]
+    classify_error(status, headers, body) -> UpstreamError by status and structured error type
+
+The shared driver (`server.providers.http.HttpBackend`) does all the I/O. Nothing in an adapter
+reads a client-supplied URL, key or header: the `Endpoint` comes from the server's config only
+(the LiteLLM `api_base` SSRF, CVE-2024-6587, is the lesson).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import orjson
+
+from server.core.events import ProviderEvent
+from server.core.request import ChatRequest
+from server.errors import InvalidRequest, MalformedStream, UpstreamError
+from server.providers.sse import SSEEvent
+
+
+class Secret:
+    """A credential. Its repr and str are redacted so it cannot leak through logs, tracebacks,
+    f-strings or dataclass reprs; only `reveal()` gives the value, at the one place that puts
+    it in a request header."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret cannot be pickled")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines of one upstream call. `connect_s`: TCP+TLS; `first_token_s`: from sending the
+    request to the first token (headers included); `stall_s`: the longest gap between two reads
+    of the body once tokens flow."""
+
+    connect_s: float = 10.0
+    first_token_s: float = 120.0
+    stall_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how one deployment calls its provider; built from the server's config only."""
+
+    provider: str
+    upstream_model: str
+    base_url: str
+    key: Secret | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    api_version: str = ""  # Azure OpenAI `api-version`
+
+
+class StreamDecoder(Protocol):
+    """Turns the SSE events of one response into provider events."""
+
+    def feed(self, event: SSEEvent) -> list[ProviderEvent]:
+        """Decodes one SSE event. Raises the classified `UpstreamError` for an in-stream error
+        event and `MalformedStream` for an event it cannot decode."""
+        ...
+
+    def end(self) -> list[ProviderEvent]:
+        """The body ended. Returns the last events (ending with `Finished`) when the provider's
+        own end of stream was seen; raises `StreamCut` otherwise."""
+        ...
+
+
+class Adapter(Protocol):
+    """A provider's wire format; see the module docstring."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def default_base_url(self) -> str: ...
+
+    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> httpx.Request:
+        """Raises `InvalidRequest` for anything the provider cannot honour."""
+        ...
+
+    def new_decoder(self) -> StreamDecoder: ...
+
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError: ...
+
+
+# -- helpers shared by the adapters --------------------------------------------------------------
+
+# Things that look like credentials, removed from any provider text we keep (providers echo
+# masked keys in 401 bodies; we keep none of it).
+_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-*]{6,}|AIza[0-9A-Za-z_\-]{20,}|[A-Za-z0-9_\-]{32,})")
+BODY_EXCERPT_CHARS = 500
+
+
+def redact(text: str, *secrets: Secret | None) -> str:
+    """`text` without the given secrets and without anything shaped like a key."""
+    for secret in secrets:
+        if secret is not None and secret.reveal():
+            text = text.replace(secret.reveal(), "***")
+    return _KEYLIKE.sub("***", text)
+
+
+def excerpt(body: bytes) -> str:
+    """A short, redacted, printable excerpt of an error body."""
+    return redact(body[: BODY_EXCERPT_CHARS * 2].decode("utf-8", "replace")[:BODY_EXCERPT_CHARS])
+
+
+def parse_retry_after(headers: Mapping[str, str], now_s: float | None = None) -> float | None:
+    """Seconds to wait, from `retry-after-ms` (OpenAI) or `retry-after` (RFC 9110 §10.2.3:
+    delay-seconds or an HTTP-date). None when absent or unreadable."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now_s is None else now_s))
+
+
+def loads_event(event: SSEEvent, provider: str) -> Any:
+    """The JSON payload of one SSE event; raises `MalformedStream` when it is not JSON."""
+    try:
+        return orjson.loads(event.data)
+    except orjson.JSONDecodeError:
+        raise MalformedStream(f"{provider} sent an event that is not JSON") from None
+
+
+def loads_body(body: bytes) -> Any:
+    """The JSON of an error body, or None."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def parse_json_arg(text: str, what: str) -> Any:
+    """A JSON text from the client (tool schema, tool arguments); raises `InvalidRequest`."""
+    try:
+        return orjson.loads(text) if text else {}
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(f"{what} is not valid JSON") from None
+
+
+def json_body(payload: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(payload)
+
+
+def join_url(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + path

@@ -1,0 +1,101 @@
+"""server/config.py: the YAML deployment file, key references, well-known models, errors."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, ServerConfig, build_catalog, load_config
+from server.providers.adapter import Secret, Timeouts
+from server.providers.registry import providers
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "llmproxy.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_example_file_loads_with_its_keys_set(tmp_path, monkeypatch):
+    secret = tmp_path / "gemini_key"
+    secret.write_text("gemini-from-file\n")
+    text = (ROOT / "config.example.yaml").read_text().replace("/run/secrets/gemini_api_key", str(secret))
+    env = {"OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "sk-a", "AZURE_OPENAI_API_KEY": "az"}
+    config = load_config(write(tmp_path, text), providers(), env)
+    by_name = {d.info.name: d for d in config.deployments}
+    assert {d.model for d in config.deployments} == {"gpt-4o-mini", "chat", "gpt-4o-azure", "local-llama"}
+    assert by_name["chat-gemini"].endpoint.key == Secret("gemini-from-file")
+    assert by_name["chat-anthropic"].info.weight == 3
+    assert by_name["chat-anthropic"].endpoint.timeouts == Timeouts(10, 60, 60)
+    assert by_name["local-llama#1"].endpoint.key is None
+    assert by_name["local-llama#1"].endpoint.headers == (("X-Team", "research"),)
+    assert by_name["gpt-4o-azure#1"].endpoint.api_version == "2024-10-21"
+    assert by_name["gpt-4o-mini#1"].endpoint.base_url == "https://api.openai.com/v1"
+
+
+async def test_catalog_without_config_serves_demo_and_well_known_models():
+    catalog = build_catalog(ServerConfig(), environ={"ANTHROPIC_API_KEY": "sk-a"})
+    try:
+        names = catalog.names()
+        assert {"demo", "demo-fast", "claude-sonnet-4-5", "claude-haiku-4-5"} <= set(names)
+        assert "gpt-4o-mini" not in names and "gemini-2.5-flash" not in names
+        assert catalog.backends("claude-haiku-4-5")[0].info.provider == "anthropic"
+    finally:
+        await catalog.aclose()
+
+
+async def test_catalog_with_config_serves_config_and_demo(tmp_path):
+    path = write(tmp_path, """
+        models:
+          fast:
+            provider: openai-compatible
+            base_url: http://127.0.0.1:9/v1
+            model: llama
+    """)
+    catalog = build_catalog(ServerConfig(config_path=path), environ={"OPENAI_API_KEY": "sk-o"})
+    try:
+        assert catalog.names() == ["demo", "demo-fast", "fast"]  # well_known is off with a file
+    finally:
+        await catalog.aclose()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("models:\n  m:\n    provider: opena\n", 3, "unknown provider 'opena'"),
+        ("models:\n  m:\n    provider: openai\n    key: env:NOPE\n", 4, "NOPE"),
+        ("models:\n  m:\n    provider: openai\n    key: sk-literal\n", 4, "key must be a reference"),
+        ("models:\n  m:\n    provider: openai\n    key: env:K\n    weigth: 2\n", 5, "unknown key 'weigth'"),
+        ("models:\n  m:\n    provider: azure\n    key: env:K\n", 3, "needs a base_url"),
+        ("models:\n  m:\n    provider: openai\n    key: env:K\n    weight: -1\n", 5, "greater than 0"),
+        ("models:\n  m:\n    provider: openai\n    key: env:K\n    timeouts: {stall_s: abc}\n", 5, "expected a number"),
+        ("models:\n  m:\n    provider: openai\n    key: env:K\n    base_url: ftp://x\n", 5, "http://"),
+        ("models:\n  demo:\n    provider: openai\n", 3, "built in"),
+        ("models:\n  m:\n    provider: openai\n  m:\n    provider: openai\n", 4, "appears twice"),
+        ("models:\n  m:\n    - model: x\n", 3, "needs a provider"),
+        ("models:\n  m: [\n", 3, "invalid YAML"),
+        ("models:\n  m:\n    provider: gemini\n    key: file:/nonexistent/key\n", 4, "cannot read the key file"),
+    ],
+)
+def test_errors_name_file_line_and_problem(tmp_path, text, line, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, providers(), {"K": "sk-k"})
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert problem in message
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_catalog(ServerConfig(config_path=str(tmp_path / "missing.yaml")), environ={})
+
+
+def test_secret_is_redacted_everywhere():
+    key = Secret("sk-very-secret")
+    assert "sk-very-secret" not in repr(key) + str(key) + f"{key}" + repr([key])
+    assert key.reveal() == "sk-very-secret"
