@@ -62,8 +62,10 @@ async def serve(config: BridgeConfig) -> None:
             ("grpc.http2.max_pings_without_data", 0),
         ],
     )
+    channel.get_state(try_to_connect=True)  # connect now: the first stream should not pay for it
     bridge = Bridge(config, channel)
     server = await bridge.start()
+    watchdog = asyncio.create_task(bridge.watchdog())
     port = next(iter(server.sockets)).getsockname()[1]
     print(f"llmproxy-bridge listening on ws://{config.host}:{port}/stream", flush=True)
 
@@ -73,6 +75,7 @@ async def serve(config: BridgeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    watchdog.cancel()
     server.close()
     await server.wait_closed()
     await channel.close()

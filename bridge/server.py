@@ -8,6 +8,10 @@ ends the session (a `close` frame, then half-close: every stream is cancelled). 
 (a drop, 1001 on a page reload) only cancels the call: the server keeps the session's streams
 generating for the resume grace period, and the client resumes through any bridge.
 
+A client that stops reading is cut off: websockets' keepalive cannot notice it while data is
+flowing (its ping waits behind the full send buffer), so a watchdog aborts any connection whose
+send has been blocked longer than the ping timeout. Its session stays resumable.
+
 Plain HTTP on the same port: `/healthz`, the demo chat page at `/`, its static files, and the
 JavaScript client under `/js/`. Every other path gets the same 404.
 """
@@ -18,6 +22,7 @@ import asyncio
 import http
 import logging
 import mimetypes
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,14 +63,18 @@ class BridgeConfig:
     static_dirs: dict[str, Path] = field(default_factory=dict)  # URL prefix -> directory
 
 
+SERVED_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico"})
+
+
 class StaticFiles:
-    """Files read once at start-up: no path from a request ever reaches the filesystem."""
+    """Files read once at start-up: no path from a request ever reaches the filesystem. Only
+    page assets are served (not package.json, READMEs or type declarations)."""
 
     def __init__(self, dirs: dict[str, Path]) -> None:
         self._files: dict[str, tuple[bytes, str]] = {}
         for prefix, directory in dirs.items():
             for path in sorted(directory.glob("*")):
-                if path.is_file() and not path.name.startswith("."):
+                if path.is_file() and not path.name.startswith(".") and path.suffix in SERVED_SUFFIXES:
                     ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
                     if ctype.startswith("text/") or ctype.endswith("javascript"):
                         ctype += "; charset=utf-8"
@@ -95,6 +104,19 @@ class Bridge:
         self._stub = pb_grpc.LLMProxyStub(channel)
         self._static = StaticFiles(config.static_dirs)
         self._origins: frozenset[str] = frozenset(config.allowed_origins)
+        self._sending: dict[ServerConnection, float] = {}  # connection -> when its blocked send began
+
+    async def watchdog(self) -> None:
+        """Aborts connections whose send has been blocked longer than the ping timeout."""
+        limit = self._config.ping_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            for ws, since in list(self._sending.items()):
+                if since and now - since > limit:
+                    log.warning("closing a connection that stopped reading")
+                    self._sending.pop(ws, None)
+                    ws.transport.abort()
 
     def allow_own_origin(self, port: int) -> None:
         """Called once the port is known: pages served by this bridge may connect."""
@@ -111,6 +133,7 @@ class Bridge:
             max_size=4 * self._config.max_frame_bytes,
             ping_interval=self._config.ping_interval_s,
             ping_timeout=self._config.ping_timeout_s,
+            close_timeout=self._config.ping_timeout_s,
             server_header="llmproxy",
         )
         port = next(iter(server.sockets)).getsockname()[1]
@@ -168,15 +191,18 @@ class Bridge:
         await asyncio.wait({downstream}, timeout=1.0)
 
     async def _downstream(self, call: grpc.aio.StreamStreamCall, ws: ServerConnection) -> None:
-        send = ws.send
+        send, sending, clock = ws.send, self._sending, time.monotonic
+        sending[ws] = 0.0
         try:
             async for frame in call:
+                sending[ws] = clock()
                 await send(encode_server_frame(frame), text=True)
+                sending[ws] = 0.0
         except grpc.aio.AioRpcError as exc:
             code, close_code = STATUS_TO_CLOSE.get(exc.code(), DEFAULT_CLOSE)
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.warning("gRPC call ended: %s", exc.code().name)
-                message = "the llmproxy server is unavailable" if code is Code.UNAVAILABLE else "the stream call failed"
+                message = "the llmproxy server is unavailable" if code is Code.UNAVAILABLE else "the call to the llmproxy server failed"
                 try:
                     await send(encode_error(code, message), text=True)
                     await ws.close(close_code, message)
@@ -184,3 +210,5 @@ class Bridge:
                     pass
         except ConnectionClosed:
             pass
+        finally:
+            sending.pop(ws, None)

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
-from server.config import ServerConfig, build_catalog
+from server.config import ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
 from server.routing import Router
@@ -130,7 +130,11 @@ def run_loop(coro_factory: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
-    run_loop(lambda: serve(options))
+    try:
+        run_loop(lambda: serve(options))
+    except ConfigError as exc:  # file:line: problem, without a traceback
+        print(f"llmproxy-server: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -463,9 +463,13 @@ class Session:
 
     @staticmethod
     def _usage(stream: Stream) -> pb.Usage:
+        # When the provider has not reported a completion count (a stream cancelled or cut
+        # before its usage event), count the content events relayed: a lower bound that keeps
+        # stopped answers from being billed as zero.
+        relayed = len(stream.gaps_ns) + (1 if stream.first_ns else 0)
         return pb.Usage(
             prompt_tokens=stream.prompt_tokens,
-            completion_tokens=stream.completion_tokens,
+            completion_tokens=stream.completion_tokens or relayed,
             reasoning_tokens=stream.reasoning_tokens,
         )
 

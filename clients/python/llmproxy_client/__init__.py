@@ -9,5 +9,6 @@ iterator of token texts, with `cancel()` and `result()` (the `done` frame, or `L
 """
 
 from llmproxy_client.grpc_client import LLMProxyClient, LLMProxyError, StreamHandle
+from llmproxy_client.ws_client import Backoff, WSClient, WSStream
 
-__all__ = ["LLMProxyClient", "LLMProxyError", "StreamHandle"]
+__all__ = ["Backoff", "LLMProxyClient", "LLMProxyError", "StreamHandle", "WSClient", "WSStream"]
