@@ -9,6 +9,7 @@ PROTOS := $(wildcard protos/llmproxy/v1/*.proto)
 GRPC_ADDR ?= 127.0.0.1:50051
 BRIDGE_HOST ?= 127.0.0.1
 BRIDGE_PORT ?= 8765
+METRICS_ADDR ?= 127.0.0.1:9464
 APT_PACKAGES := chromium redis-server
 NPM_DIR := clients/js
 
@@ -57,12 +58,13 @@ $(NPM_DIR)/node_modules/.stamp: $(NPM_DIR)/package.json
 ## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream).
 run: install
 	@set -u; \
-	$(PY) -m server.main --listen $(GRPC_ADDR) & srv=$$!; \
+	$(PY) -m server.main --listen $(GRPC_ADDR) --metrics-listen $(METRICS_ADDR) & srv=$$!; \
 	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) & brg=$$!; \
 	trap 'kill -TERM $$srv $$brg 2>/dev/null; wait $$srv $$brg' INT TERM; \
 	echo "llmproxy: gRPC   $(GRPC_ADDR)  (grpcurl -plaintext $(GRPC_ADDR) list)"; \
 	echo "llmproxy: stream ws://$(BRIDGE_HOST):$(BRIDGE_PORT)/stream"; \
-	echo "llmproxy: chat   http://$(BRIDGE_HOST):$(BRIDGE_PORT)/"; \
+	echo "llmproxy: chat   http://$(BRIDGE_HOST):$(BRIDGE_PORT)/   dashboard http://$(BRIDGE_HOST):$(BRIDGE_PORT)/dashboard.html"; \
+	echo "llmproxy: metrics http://$(METRICS_ADDR)/metrics"; \
 	echo "llmproxy: Ctrl-C stops both"; \
 	wait -n $$srv $$brg; kill -TERM $$srv $$brg 2>/dev/null; wait
 

@@ -12,6 +12,9 @@ A client that stops reading is cut off: websockets' keepalive cannot notice it w
 flowing (its ping waits behind the full send buffer), so a watchdog aborts any connection whose
 send has been blocked longer than the ping timeout. Its session stays resumable.
 
+`/stats` is a second WebSocket endpoint: one `WatchStats` subscription per connection, each
+snapshot sent as one JSON frame (the dashboard's feed; no keys, no prompt text).
+
 Plain HTTP on the same port: `/healthz`, the demo chat page at `/`, its static files, and the
 JavaScript client under `/js/`. Every other path gets the same 404.
 """
@@ -27,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import orjson
+from google.protobuf import json_format
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -142,7 +147,7 @@ class Bridge:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == "/stream":
+        if path in ("/stream", "/stats"):
             origin = request.headers.get("Origin")
             if origin is not None and origin not in self._origins:
                 return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
@@ -155,6 +160,9 @@ class Bridge:
         return _response(http.HTTPStatus.OK, *found)
 
     async def _handle(self, ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path.split("?", 1)[0] == "/stats":
+            await self._stats(ws)
+            return
         call = self._stub.Stream()
         downstream = asyncio.create_task(self._downstream(call, ws))
         max_bytes = self._config.max_frame_bytes
@@ -178,6 +186,23 @@ class Bridge:
             call.cancel()
             downstream.cancel()
             await asyncio.gather(downstream, return_exceptions=True)
+
+    async def _stats(self, ws: ServerConnection) -> None:
+        """Relays live snapshots until either side goes away."""
+        call = self._stub.WatchStats(pb.WatchStatsRequest(interval_ms=1000))
+        try:
+            async for snapshot in call:
+                data = json_format.MessageToDict(
+                    snapshot, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+                await ws.send(orjson.dumps({"type": "stats", **data}), text=True)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                await ws.close(1013, "statistics unavailable")
+        except ConnectionClosed:
+            pass
+        finally:
+            call.cancel()
 
     @staticmethod
     async def _end_session(call: grpc.aio.StreamStreamCall, downstream: asyncio.Task[None]) -> None:

@@ -20,6 +20,10 @@ from grpc_reflection.v1alpha import reflection
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from server.analytics.live import LiveWindow
+from server.analytics.metrics import Metrics
+from server.analytics.requestlog import RequestLog
+from server.analytics.sink import Analytics
 from server.config import ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
@@ -35,6 +39,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMProxy"].full_name
 class Options:
     config: ServerConfig
     service: ServiceSettings
+    metrics_listen: str = ""  # host:port for Prometheus /metrics; empty: off
+    request_log: str = ""  # SQLite path; empty: off
+    request_log_retention_s: float = 7 * 86400
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -51,6 +58,10 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--heartbeat-interval-s", type=float, default=15.0, help="heartbeat for a stream silent this long")
     parser.add_argument("--slow-client-timeout-s", type=float, default=10.0, help="end a call whose writes block this long")
     parser.add_argument("--max-sessions", type=int, default=100_000)
+    parser.add_argument("--stall-threshold-s", type=float, default=2.0, help="a gap between tokens over this is a stall")
+    parser.add_argument("--metrics-listen", default="", help="host:port for Prometheus /metrics (e.g. 127.0.0.1:9464)")
+    parser.add_argument("--request-log", default="llmproxy-requests.sqlite3", help="SQLite request log; '' turns it off")
+    parser.add_argument("--request-log-retention-days", type=float, default=7.0)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,13 +75,13 @@ def parse_args(argv: list[str] | None) -> Options:
         config_path=args.config,
     )
     service = ServiceSettings(
-        limits=replace(config.limits, heartbeat_interval_s=args.heartbeat_interval_s),
+        limits=replace(config.limits, heartbeat_interval_s=args.heartbeat_interval_s, stall_threshold_s=args.stall_threshold_s),
         resume_grace_s=args.resume_grace_s,
         max_sessions=args.max_sessions,
         slow_client_timeout_s=args.slow_client_timeout_s,
         janitor_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
     )
-    return Options(config, service)
+    return Options(config, service, args.metrics_listen, args.request_log, args.request_log_retention_days * 86400)
 
 
 async def serve(options: Options) -> None:
@@ -87,7 +98,16 @@ async def serve(options: Options) -> None:
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ]
     )
-    servicer = LLMProxyServicer(router, catalog, options.service)
+    metrics = Metrics()
+    request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
+    analytics = Analytics(metrics, request_log, LiveWindow())
+    servicer = LLMProxyServicer(router, catalog, options.service, analytics)
+    if options.metrics_listen:
+        from prometheus_client import start_http_server
+
+        mhost, mport = options.metrics_listen.rsplit(":", 1)
+        metrics_server, _ = start_http_server(int(mport), mhost, registry=metrics.registry)
+        print(f"llmproxy-server metrics on http://{mhost}:{metrics_server.server_port}/metrics", flush=True)
     pb_grpc.add_LLMProxyServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -116,6 +136,9 @@ async def serve(options: Options) -> None:
     janitor.cancel()
     await servicer.aclose()
     await catalog.aclose()
+    await analytics.flush()
+    if request_log is not None:
+        request_log.close()
 
 
 def run_loop(coro_factory: object) -> None:

@@ -24,6 +24,10 @@ import grpc
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from server.analytics.live import LiveWindow
+from server.analytics.metrics import Metrics
+from server.analytics.requestlog import GROUPS
+from server.analytics.sink import Analytics
 from server.catalog import Catalog
 from server.core.events import Failed, StreamEvent
 from server.core.registry import SessionRegistry
@@ -164,9 +168,10 @@ class Connection:
                 return  # another connection resumed this session
             runtime.wake.clear()
             session = runtime.session
-            frames = session.frames_to_send()
+            now_ns = time.monotonic_ns()
+            frames = session.frames_to_send(now_ns)
             if frames:
-                self.write_since_ns = time.monotonic_ns()
+                self.write_since_ns = now_ns
                 for frame in frames:
                     await write(frame)
                 self.write_since_ns = 0
@@ -175,10 +180,14 @@ class Connection:
 
 
 class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
-    def __init__(self, router: Router, catalog: Catalog, settings: ServiceSettings) -> None:
+    def __init__(
+        self, router: Router, catalog: Catalog, settings: ServiceSettings, analytics: Analytics | None = None
+    ) -> None:
         self._router = router
         self._catalog = catalog
         self._settings = settings
+        self._analytics = analytics or Analytics(Metrics(), None, LiveWindow())
+        self._tokens_gone = 0  # tokens relayed by sessions already forgotten
         self._registry = SessionRegistry(
             settings.limits,
             catalog,
@@ -194,8 +203,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def detach(self, runtime: SessionRuntime) -> None:
         runtime.owner = None
         self._registry.detach(runtime.session, time.monotonic_ns())
-        if runtime.session.closed:  # a `close` frame: its cancellations are already applied
+        if runtime.session.closed or runtime.session.is_fresh():  # nothing left to resume
             self._runtimes.pop(runtime.session.id, None)
+            self._forget(runtime.session)
 
     def resume(self, connection: Connection, resume: pb.Resume) -> None:
         current = connection.runtime
@@ -223,8 +233,13 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
                 runtime = self._runtimes.pop(session.id, None)
                 if runtime is not None:
                     runtime.apply()
+                self._forget(session)
+            active = tokens = 0
             for runtime in list(self._runtimes.values()):
                 session = runtime.session
+                self._analytics.add(session.records(), now)
+                active += session.live_streams
+                tokens += session.tokens_relayed
                 if session.attached and session.live_streams:
                     session.tick(now)
                     if session.has_output():
@@ -233,6 +248,13 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
                 if owner is not None and owner.write_since_ns and now - owner.write_since_ns > slow_ns:
                     log.warning("disconnecting a client that stopped reading; its session stays resumable")
                     owner.kick(grpc.StatusCode.RESOURCE_EXHAUSTED, "the client reads too slowly")
+            self._analytics.tick(now, active, len(self._registry), tokens + self._tokens_gone)
+            await self._analytics.flush()
+
+    def _forget(self, session: Session) -> None:
+        """A session leaves the server: keep its last records and its token count."""
+        self._analytics.add(session.records(), time.monotonic_ns())
+        self._tokens_gone += session.tokens_relayed
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
@@ -258,6 +280,23 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such session, or it has expired")
         assert session is not None
         return session.summary(time.monotonic_ns())
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        log_ = self._analytics.request_log
+        group_by = request.group_by or "model"
+        if group_by not in GROUPS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_by must be one of {', '.join(sorted(GROUPS))}")
+        if log_ is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the request log is off (server --request-log)")
+        assert log_ is not None
+        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by)
+        return pb.StatsResponse(rows=[pb.StatsRow(**row) for row in rows])  # type: ignore[arg-type]
+
+    async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext) -> None:
+        interval_s = max(200, request.interval_ms or 1000) / 1000
+        while True:
+            await context.write(self._analytics.snapshot())
+            await asyncio.sleep(interval_s)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         models = []

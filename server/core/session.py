@@ -46,7 +46,7 @@ from server.core.events import (
 )
 from server.core.request import ChatMessage, ChatRequest
 from server.core.session_limits import SessionLimits
-from server.core.stream import CANCEL, MODIFY, Phase, Stream
+from server.core.stream import CANCEL, MODIFY, Phase, Stream, TimingSummary, ux_score
 from server.core.validate import to_messages, to_request
 from server.errors import (
     CallerError,
@@ -59,7 +59,7 @@ from server.errors import (
     UnknownStream,
 )
 
-__all__ = ["Action", "CancelUpstream", "Session", "SessionLimits", "StartUpstream"]
+__all__ = ["Action", "CancelUpstream", "Session", "SessionLimits", "StartUpstream", "StreamRecord"]
 
 FINISH_TO_PROTO: dict[FinishReason, int] = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -70,6 +70,24 @@ FINISH_TO_PROTO: dict[FinishReason, int] = {
 }
 
 CODE_TO_PROTO: dict[Code, int] = {code: pb.ErrorCode.Value(f"ERROR_CODE_{code.name}") for code in Code}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRecord:
+    """One ended stream, for metrics and the request log: no prompt or answer text."""
+
+    session_id: str
+    stream_id: str
+    model: str
+    provider: str
+    deployment: str
+    status: str  # a finish reason ("stop", "cancelled", ...) or an error code ("rate_limited", ...)
+    failed: bool
+    timing: TimingSummary
+    ux_score: float
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +121,9 @@ class Session:
         self._known_models = known_models
         self._wall_time_ns = wall_time_ns
         self._heartbeat_ns = int(limits.heartbeat_interval_s * 1e9)
+        self._stall_ns = int(limits.stall_threshold_s * 1e9)
+        self._ux_target_us = int(limits.ux_target_ttft_s * 1e6)
+        self._records: list[StreamRecord] = []
         self.attached = True
         self.detached_ns = 0
         self.closed = False
@@ -112,9 +133,11 @@ class Session:
         self._outbox: list[pb.ServerFrame] = [
             pb.ServerFrame(session=pb.SessionInfo(session_id=session_id, resume_token=resume_token, resume_grace_ms=resume_grace_ms))
         ]
-        self._merging: dict[str, pb.TokenDelta] = {}  # stream id -> its unsent token frame
+        # stream id -> (its unsent token frame, the frame's first arrival time, the stream)
+        self._merging: dict[str, tuple[pb.TokenDelta, int, Stream]] = {}
         self._actions: list[Action] = []
         self._next_auto_id = 1
+        self.tokens_relayed = 0  # content events of every stream, for throughput figures
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -232,6 +255,8 @@ class Session:
             stream.add_usage(event)  # type: ignore[arg-type]
             return True
         self._merging.pop(stream_id, None)
+        if cls is ReasoningDelta or cls is ToolCallDelta:
+            self.tokens_relayed += 1
         if cls is ReasoningDelta:
             latency_us = stream.mark_content(now_ns)
             stream.seq += 1
@@ -259,6 +284,8 @@ class Session:
         elif cls is Routed:
             assert isinstance(event, Routed)
             stream.deployment = event.deployment
+            stream.provider = event.provider
+            stream.attempts += 1
             if stream.seq == 0:  # the first routing; failover and restarts send no second frame
                 stream.seq = 1
                 started = pb.StreamStarted(
@@ -283,11 +310,20 @@ class Session:
 
     # -- output ----------------------------------------------------------------------------------
 
-    def frames_to_send(self) -> list[pb.ServerFrame]:
-        """Takes everything queued for the client, in order; merging restarts afterwards."""
+    def frames_to_send(self, now_ns: int = 0) -> list[pb.ServerFrame]:
+        """Takes everything queued for the client, in order; merging restarts afterwards.
+        With `now_ns`, each drained token frame's time in the server is recorded."""
         frames, self._outbox = self._outbox, []
+        if now_ns:
+            for _, since, stream in self._merging.values():
+                stream.relay_ns.append(now_ns - since)
         self._merging.clear()
         return frames
+
+    def records(self) -> list[StreamRecord]:
+        """Takes the records of the streams that ended since the last call."""
+        records, self._records = self._records, []
+        return records
 
     def actions_to_take(self) -> list[Action]:
         actions, self._actions = self._actions, []
@@ -304,14 +340,16 @@ class Session:
             self._outbox.append(frame)
 
     def _token(self, stream: Stream, text: str, now_ns: int) -> None:
+        self.tokens_relayed += 1
         latency_us = stream.mark_content(now_ns)
         stream.seq += 1
         stream.text_parts.append(text)
         merging = self._merging.get(stream.id)
         if merging is not None:
-            merging.text += text
-            merging.seq = stream.seq
-            merging.count = (merging.count or 1) + 1
+            token = merging[0]
+            token.text += text
+            token.seq = stream.seq
+            token.count = (token.count or 1) + 1
             stream.last_sent_ns = now_ns
             return
         frame = pb.ServerFrame()
@@ -321,7 +359,7 @@ class Session:
         token.text = text
         token.latency_us = latency_us
         self._emit(stream, frame, now_ns)
-        self._merging[stream.id] = token
+        self._merging[stream.id] = (token, now_ns, stream)
 
     def _start(self, start: pb.StartStream, now_ns: int) -> None:
         stream_id = start.stream_id
@@ -419,12 +457,13 @@ class Session:
     def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
         self._end(stream)
         stream.seq += 1
+        timing = self._record(stream, reason.value, False, now_ns)
         done = pb.StreamDone(
             stream_id=stream.id,
             seq=stream.seq,
             finish_reason=FINISH_TO_PROTO[reason],  # type: ignore[arg-type]
             usage=self._usage(stream),
-            timing=self._timing(stream, now_ns),
+            timing=timing,
             deployment=stream.deployment,
             latency_us=(now_ns - stream.last_ns) // 1000,
         )
@@ -433,6 +472,7 @@ class Session:
     def _fail(self, stream: Stream, error: ProxyError, now_ns: int) -> None:
         self._end(stream)
         stream.seq += 1
+        timing = self._record(stream, error.code.value, True, now_ns)
         failure = pb.StreamError(
             stream_id=stream.id,
             seq=stream.seq,
@@ -441,7 +481,7 @@ class Session:
             retryable=error.retryable,
             retry_after_ms=int((error.retry_after_s or 0) * 1000),
             usage=self._usage(stream),
-            timing=self._timing(stream, now_ns),
+            timing=timing,
             deployment=stream.deployment,
             latency_us=(now_ns - stream.last_ns) // 1000,
         )
@@ -473,9 +513,27 @@ class Session:
             reasoning_tokens=stream.reasoning_tokens,
         )
 
-    @staticmethod
-    def _timing(stream: Stream, now_ns: int) -> pb.Timing:
-        t = stream.timing(now_ns)
+    def _record(self, stream: Stream, status: str, failed: bool, now_ns: int) -> pb.Timing:
+        """Computes the stream's timing once: the record for analytics and the proto timing."""
+        t = stream.timing(now_ns, self._stall_ns)
+        score = ux_score(t, failed, self._ux_target_us)
+        usage = self._usage(stream)
+        self._records.append(
+            StreamRecord(
+                session_id=self.id,
+                stream_id=stream.id,
+                model=stream.request.model,
+                provider=stream.provider,
+                deployment=stream.deployment,
+                status=status,
+                failed=failed,
+                timing=t,
+                ux_score=score,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+            )
+        )
         return pb.Timing(
             ttft_us=t.ttft_us,
             total_us=t.total_us,
@@ -485,6 +543,11 @@ class Session:
             itl_p95_us=t.itl_p95_us,
             itl_p99_us=t.itl_p99_us,
             itl_max_us=t.itl_max_us,
+            stalls=t.stalls,
+            relay_p50_us=t.relay_p50_us,
+            relay_max_us=t.relay_max_us,
+            attempts=t.attempts,
+            ux_score=score,
         )
 
 

@@ -18,3 +18,5 @@ class SessionLimits:
     max_conversations: int = 32  # per session
     max_history_messages: int = 256  # per conversation; the oldest are dropped first
     heartbeat_interval_s: float = 15.0  # a live stream silent this long gets a heartbeat
+    stall_threshold_s: float = 2.0  # a gap between tokens longer than this is a stall
+    ux_target_ttft_s: float = 1.0  # a first token within this is "satisfied" (docs/analytics.md)

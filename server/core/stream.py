@@ -100,6 +100,24 @@ class TimingSummary:
     itl_p95_us: int
     itl_p99_us: int
     itl_max_us: int
+    stalls: int
+    relay_p50_us: int
+    relay_max_us: int
+    attempts: int
+
+
+def ux_score(timing: TimingSummary, failed: bool, target_ttft_us: int) -> float:
+    """Apdex-like: 1 satisfied, 0.5 tolerating, 0 frustrated. The wait is the time to first
+    token (or, when none came, the whole time). Satisfied: wait <= target and no stall.
+    Tolerating: wait <= 4 x target and at most one stall. A failed stream is frustrated."""
+    if failed:
+        return 0.0
+    wait = timing.ttft_us if timing.tokens else timing.total_us
+    if wait <= target_ttft_us and timing.stalls == 0:
+        return 1.0
+    if wait <= 4 * target_ttft_us and timing.stalls <= 1:
+        return 0.5
+    return 0.0
 
 
 class Stream:
@@ -120,6 +138,9 @@ class Stream:
         "completion_tokens",
         "reasoning_tokens",
         "deployment",
+        "provider",
+        "attempts",
+        "relay_ns",
         "replay",
         "text_parts",
         "tool_calls",
@@ -132,6 +153,9 @@ class Stream:
         self.phase = Phase.PENDING
         self.seq = 0
         self.deployment = ""
+        self.provider = ""
+        self.attempts = 0
+        self.relay_ns: list[int] = []  # per frame: provider arrival -> handed to the connection
         self.replay: deque[pb.ServerFrame] = deque(maxlen=max_replay)
         self.last_sent_ns = now_ns
         self._reset(now_ns)
@@ -203,8 +227,9 @@ class Stream:
             return None
         return frames
 
-    def timing(self, now_ns: int) -> TimingSummary:
+    def timing(self, now_ns: int, stall_ns: int) -> TimingSummary:
         gaps = sorted(self.gaps_ns)
+        relay = sorted(self.relay_ns)
         tokens = len(gaps) + (1 if self.first_ns else 0)
         span_s = (self.last_ns - self.first_ns) / 1e9 if self.first_ns else 0.0
         return TimingSummary(
@@ -216,6 +241,10 @@ class Stream:
             itl_p95_us=_percentile(gaps, 0.95) // 1000,
             itl_p99_us=_percentile(gaps, 0.99) // 1000,
             itl_max_us=(gaps[-1] // 1000) if gaps else 0,
+            stalls=sum(1 for g in gaps if g > stall_ns),
+            relay_p50_us=_percentile(relay, 0.50) // 1000,
+            relay_max_us=(relay[-1] // 1000) if relay else 0,
+            attempts=self.attempts,
         )
 
 

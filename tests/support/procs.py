@@ -86,7 +86,7 @@ def start(name: str, args: list[str], ready: str, env: dict[str, str] | None = N
 def start_server(*extra: str, env: dict[str, str] | None = None) -> Proc:
     return start(
         "server",
-        ["server.main", "--listen", "127.0.0.1:0", *extra],
+        ["server.main", "--listen", "127.0.0.1:0", *(() if "--request-log" in extra else ("--request-log", "")), *extra],
         "llmproxy-server listening on ",
         env,
     )

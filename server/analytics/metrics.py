@@ -1,0 +1,88 @@
+"""Prometheus metrics, named after the OpenTelemetry gen_ai semantic conventions.
+
+- gen_ai_server_time_to_first_token_seconds   histogram, per stream
+- gen_ai_server_time_per_output_token_seconds histogram, per stream (mean gap after the first)
+- gen_ai_client_token_usage                   histogram, per stream, gen_ai_token_type input|output
+- llmproxy_streams_total                      counter by status
+- llmproxy_stream_stalls_total, llmproxy_relay_seconds (the proxy's own share per frame, p50)
+- llmproxy_active_streams, llmproxy_sessions  gauges
+
+Labels are bounded: model and deployment come from the configuration (a stream with a model
+that is not configured is rejected before it exists), provider from the registry, status from
+the finish-reason and error-code enums. Each server has its own registry (no module globals).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.core.session import StreamRecord
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+_RELAY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("gen_ai_request_model", "gen_ai_provider_name", "deployment")
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token",
+            "Time to generate the first token of a stream",
+            labels,
+            unit="seconds",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token",
+            "Time per output token after the first, per stream",
+            labels,
+            unit="seconds",
+            buckets=_TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens used per stream",
+            ("gen_ai_request_model", "gen_ai_provider_name", "gen_ai_token_type"),
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.relay = Histogram(
+            "llmproxy_relay",
+            "The proxy's own time per frame: provider arrival to the client connection (median per stream)",
+            ("gen_ai_request_model",),
+            unit="seconds",
+            buckets=_RELAY_BUCKETS,
+            registry=self.registry,
+        )
+        self.streams = Counter(
+            "llmproxy_streams", "Streams ended, by status", (*labels, "status"), registry=self.registry
+        )
+        self.stalls = Counter("llmproxy_stream_stalls", "Gaps between tokens over the stall threshold", labels, registry=self.registry)
+        self.active = Gauge("llmproxy_active_streams", "Streams generating now", registry=self.registry)
+        self.sessions = Gauge("llmproxy_sessions", "Sessions held", registry=self.registry)
+
+    def observe(self, r: StreamRecord) -> None:
+        t = r.timing
+        labels = (r.model, r.provider or "none", r.deployment or "none")
+        if t.tokens:
+            self.ttft.labels(*labels).observe(t.ttft_us / 1e6)
+        if t.tokens > 1:
+            span_us = t.total_us - t.ttft_us
+            self.tpot.labels(*labels).observe(span_us / 1e6 / (t.tokens - 1))
+        if r.prompt_tokens:
+            self.tokens.labels(r.model, labels[1], "input").observe(r.prompt_tokens)
+        if r.completion_tokens:
+            self.tokens.labels(r.model, labels[1], "output").observe(r.completion_tokens)
+        if t.relay_p50_us:
+            self.relay.labels(r.model).observe(t.relay_p50_us / 1e6)
+        if t.stalls:
+            self.stalls.labels(*labels).inc(t.stalls)
+        self.streams.labels(*labels, r.status).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

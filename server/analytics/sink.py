@@ -1,0 +1,57 @@
+"""Analytics: where ended streams go. Metrics at once, the live window at once, the request
+log in batches from a worker thread (SQLite blocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from llmproxy.v1 import llmproxy_pb2 as pb
+from server.analytics.live import LiveWindow
+from server.analytics.metrics import Metrics
+from server.analytics.requestlog import RequestLog
+from server.core.session import StreamRecord
+
+log = logging.getLogger("llmproxy.analytics")
+
+
+class Analytics:
+    def __init__(self, metrics: Metrics, request_log: RequestLog | None, live: LiveWindow) -> None:
+        self.metrics = metrics
+        self.request_log = request_log
+        self.live = live
+        self._pending: list[StreamRecord] = []
+        self.active_streams = 0
+        self.sessions = 0
+
+    def add(self, records: Iterable[StreamRecord], now_ns: int) -> None:
+        batch = list(records)
+        if not batch:
+            return
+        for record in batch:
+            self.metrics.observe(record)
+        self.live.add(batch, now_ns)
+        if self.request_log is not None:
+            self._pending.extend(batch)
+
+    def tick(self, now_ns: int, active_streams: int, sessions: int, tokens_total: int) -> None:
+        self.active_streams, self.sessions = active_streams, sessions
+        self.metrics.active.set(active_streams)
+        self.metrics.sessions.set(sessions)
+        self.live.tick(now_ns, tokens_total)
+
+    async def flush(self) -> None:
+        """Writes pending rows to the request log (in a thread). Cancelling it is safe: the
+        batch is written or kept for the next flush."""
+        if self.request_log is None or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await asyncio.to_thread(self.request_log.write, batch)
+        except Exception:
+            log.error("request log write failed; %d rows dropped", len(batch), exc_info=True)
+
+    def snapshot(self) -> pb.StatsSnapshot:
+        return self.live.snapshot(int(time.time() * 1000), self.active_streams, self.sessions)

@@ -1,0 +1,67 @@
+"""The analytics pieces, fed records directly."""
+
+from server.analytics.live import LiveWindow
+from server.analytics.metrics import Metrics
+from server.analytics.requestlog import RequestLog
+from server.core.session import StreamRecord
+from server.core.stream import TimingSummary, ux_score
+
+S = 1_000_000_000
+
+
+def timing(ttft_ms=200, tokens=50, stalls=0, total_ms=1200, itl_p95_ms=20):
+    return TimingSummary(
+        ttft_us=ttft_ms * 1000, total_us=total_ms * 1000, tokens=tokens, tokens_per_s=50.0, itl_p50_us=18_000,
+        itl_p95_us=itl_p95_ms * 1000, itl_p99_us=30_000, itl_max_us=40_000, stalls=stalls, relay_p50_us=80,
+        relay_max_us=400, attempts=1,
+    )
+
+
+def record(sid="a", model="demo", deployment="demo", status="stop", failed=False, **t):
+    tm = timing(**t)
+    return StreamRecord("sess", sid, model, "demo", deployment, status, failed, tm, ux_score(tm, failed, 1_000_000), 7, tm.tokens, 0)
+
+
+def test_ux_score_is_satisfied_tolerating_or_frustrated():
+    assert ux_score(timing(ttft_ms=300), False, 1_000_000) == 1.0
+    assert ux_score(timing(ttft_ms=300, stalls=1), False, 1_000_000) == 0.5
+    assert ux_score(timing(ttft_ms=3000), False, 1_000_000) == 0.5
+    assert ux_score(timing(ttft_ms=5000), False, 1_000_000) == 0.0
+    assert ux_score(timing(ttft_ms=300), True, 1_000_000) == 0.0
+    assert ux_score(timing(ttft_ms=0, tokens=0, total_ms=6000), False, 1_000_000) == 0.0  # waited, nothing came
+
+
+def test_metrics_use_gen_ai_names_and_count_streams_by_status():
+    m = Metrics()
+    m.observe(record())
+    m.observe(record(status="rate_limited", failed=True))
+    text = m.exposition().decode()
+    assert 'gen_ai_server_time_to_first_token_seconds_count{deployment="demo",gen_ai_provider_name="demo",gen_ai_request_model="demo"} 2.0' in text
+    assert "gen_ai_server_time_per_output_token_seconds_bucket" in text
+    assert 'gen_ai_client_token_usage_bucket{gen_ai_provider_name="demo",gen_ai_request_model="demo",gen_ai_token_type="output"' in text
+    assert 'llmproxy_streams_total{deployment="demo",gen_ai_provider_name="demo",gen_ai_request_model="demo",status="rate_limited"} 1.0' in text
+
+
+def test_request_log_aggregates_per_group_and_keeps_no_text(tmp_path):
+    log = RequestLog(tmp_path / "r.sqlite3", retention_s=60)
+    log.write([record("a", ttft_ms=100), record("b", ttft_ms=300), record("c", model="other", status="cancelled")], now_ms=1_000_000)
+    rows = {r["name"]: r for r in log.stats(3600, "model", now_ms=1_000_500)}
+    assert rows["demo"]["streams"] == 2 and rows["demo"]["ttft_p50_ms"] == 100.0 and rows["demo"]["ttft_p95_ms"] == 300.0
+    assert rows["other"]["cancelled"] == 1
+    log.write([], now_ms=1_000_000 + 120_000)  # retention prunes rows older than 60 s
+    assert log.stats(3600, "model", now_ms=1_200_000) == []
+    log.close()
+
+
+def test_live_window_snapshot_histograms_deployments_and_slowest():
+    live = LiveWindow(breaker_state=lambda name: "open" if name == "bad" else "closed")
+    live.add([record("fast", ttft_ms=40), record("slow", ttft_ms=3000, deployment="bad", status="timeout", failed=True)], 0)
+    live.tick(0, 0)
+    live.tick(1 * S, 500)
+    snap = live.snapshot(123, active_streams=3, sessions=2)
+    assert snap.tokens_per_s == 500 and snap.ended_1m == 2 and snap.errors_1m == 1
+    assert sum(snap.ttft_counts) == 2 and snap.ttft_counts[0] == 1
+    assert [(d.name, d.breaker) for d in snap.deployments] == [("bad", "open"), ("demo", "closed")]
+    assert [s.stream_id for s in snap.slowest] == ["slow", "fast"]
+    live.tick(62 * S, 500)
+    assert live.snapshot(0, 0, 0).ended_1m == 0
