@@ -16,22 +16,33 @@ with a `ConfigError` naming the file, the line and the problem.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from server.catalog import Catalog
 from server.core.session import SessionLimits
 from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import Backend, DeploymentInfo
 from server.providers.demo import DemoBackend, DemoPace, load_corpus
 from server.providers.http import ClientPool, HttpSettings
 from server.providers.registry import BuildContext, Provider, providers
+from server.routing.policy import (
+    AfterFirstToken,
+    BreakerPolicy,
+    BudgetPolicy,
+    ModelRoute,
+    RetryPolicy,
+    RoutingCatalog,
+    Strategy,
+)
 
 BUILTIN_MODELS = ("demo", "demo-fast")
+
+_E = TypeVar("_E", bound=enum.Enum)
 
 
 class ConfigError(Exception):
@@ -63,11 +74,14 @@ class ProxyConfig:
     deployments: tuple[DeploymentSpec, ...] = ()
     http: HttpSettings = field(default_factory=HttpSettings)
     well_known: bool = True
+    routes: Mapping[str, ModelRoute] = field(default_factory=dict)  # per public model
+    default_route: ModelRoute = field(default_factory=ModelRoute)  # the `routing:` section
+    budget: BudgetPolicy = field(default_factory=BudgetPolicy)
 
 
-def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Catalog:
-    """Every model this server serves. Raises `ConfigError`. Builds the shared connection
-    pool; `Catalog.aclose()` closes it."""
+def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None) -> RoutingCatalog:
+    """Every model this server serves, with its routing. Raises `ConfigError`. Builds the
+    shared connection pool; `Catalog.aclose()` closes it."""
     env = os.environ if environ is None else environ
     registry = providers()
     proxy = load_config(config.config_path, registry, env) if config.config_path else ProxyConfig()
@@ -90,7 +104,11 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
     for spec in specs:
         backend = registry[spec.info.provider].build(spec.info, spec.endpoint, ctx)
         models.setdefault(spec.model, []).append(backend)
-    return Catalog(models)
+    for public, route in proxy.routes.items():
+        for fallback in route.fallbacks:
+            if fallback not in models:
+                raise ConfigError(f"{config.config_path}: model {public!r} falls back to {fallback!r}, which is not served")
+    return RoutingCatalog(models, proxy.routes, proxy.budget, proxy.default_route)
 
 
 def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, str]) -> list[DeploymentSpec]:
@@ -108,7 +126,11 @@ def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, s
 
 # -- the YAML file -------------------------------------------------------------------------------
 
-_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known"})
+_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known", "routing"})
+_ROUTE_KEYS = frozenset({"strategy", "fallbacks", "after_first_token", "retry", "breaker"})
+_RETRY_KEYS = frozenset({"max_attempts", "backoff_base_s", "backoff_max_s", "deadline_s"})
+_BREAKER_KEYS = frozenset({"failures", "error_rate", "window_s", "min_requests", "cooldown_s", "half_open_probes"})
+_BUDGET_KEYS = frozenset({"percent", "min_concurrent"})
 _DEPLOYMENT_KEYS = frozenset(
     {"provider", "model", "name", "base_url", "key", "weight", "timeouts", "headers", "api_version"}
 )
@@ -157,18 +179,112 @@ class _Parser:
             if "timeouts" in defaults:
                 timeouts = self.timeouts(defaults["timeouts"], timeouts)
         well_known = self.boolean(top["well_known"]) if "well_known" in top else False
+        default_route, budget = ModelRoute(), BudgetPolicy()
+        if "routing" in top:
+            routing = self.mapping(top["routing"], "routing", (_ROUTE_KEYS - {"fallbacks"}) | {"budget"})
+            default_route = self.route(routing, default_route)
+            if "budget" in routing:
+                budget = self.budget(routing["budget"])
         deployments: list[DeploymentSpec] = []
+        routes: dict[str, ModelRoute] = {}
+        fallback_nodes: list[tuple[str, yaml.Node]] = []
         if "models" in top:
             models_node = top["models"]
             for public, node in self.mapping(models_node, "models", None).items():
                 if public in BUILTIN_MODELS:
                     raise self.error(node, f"model {public!r} is built in and cannot be configured")
-                items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+                items: list[yaml.Node] = node.value if isinstance(node, yaml.SequenceNode) else [node]
+                if isinstance(node, yaml.MappingNode):
+                    # Routing keys sit beside one deployment's keys, or beside `deployments:`.
+                    route_pairs = [(k, v) for k, v in node.value if self.string(k) in _ROUTE_KEYS]
+                    rest = [(k, v) for k, v in node.value if self.string(k) not in _ROUTE_KEYS]
+                    route_fields = self.mapping(yaml.MappingNode(node.tag, route_pairs, node.start_mark), "routing", None)
+                    routes[public] = self.route(route_fields, default_route)
+                    if "fallbacks" in route_fields:
+                        fallback_nodes.append((public, route_fields["fallbacks"]))
+                    rest_node = yaml.MappingNode(node.tag, rest, node.start_mark)
+                    if any(self.string(k) == "deployments" for k, _ in rest):
+                        fields = self.mapping(rest_node, f"model {public!r}", frozenset({"deployments"}))
+                        listed = fields["deployments"]
+                        if not isinstance(listed, yaml.SequenceNode):
+                            raise self.error(listed, "deployments must be a list")
+                        items = listed.value
+                    else:
+                        items = [rest_node]
                 if not items:
                     raise self.error(node, f"model {public!r} has no deployments")
                 for i, item in enumerate(items):
                     deployments.append(self.deployment(public, i, item, timeouts))
-        return ProxyConfig(tuple(deployments), http, well_known)
+        configured = {d.model for d in deployments}
+        for public, node in fallback_nodes:
+            for fallback in routes[public].fallbacks:
+                if fallback == public:
+                    raise self.error(node, f"model {public!r} cannot fall back to itself")
+                if fallback not in configured and fallback not in BUILTIN_MODELS and not well_known:
+                    raise self.error(node, f"model {public!r} falls back to {fallback!r}, which is not configured")
+        return ProxyConfig(tuple(deployments), http, well_known, routes, default_route, budget)
+
+    def route(self, fields: dict[str, yaml.Node], base: ModelRoute) -> ModelRoute:
+        strategy, after = base.strategy, base.after_first_token
+        if "strategy" in fields:
+            strategy = self.choice(fields["strategy"], Strategy)
+        if "after_first_token" in fields:
+            after = self.choice(fields["after_first_token"], AfterFirstToken)
+        fallbacks: tuple[str, ...] = ()
+        if "fallbacks" in fields:
+            node = fields["fallbacks"]
+            if not isinstance(node, yaml.SequenceNode):
+                raise self.error(node, "fallbacks must be a list of model names")
+            fallbacks = tuple(self.string(item) for item in node.value)
+        retry = base.retry
+        if "retry" in fields:
+            values = self.numbers(fields["retry"], "retry", _RETRY_KEYS)
+            if "max_attempts" in values and values["max_attempts"] < 1:
+                raise self.error(fields["retry"], "max_attempts must be at least 1")
+            retry = RetryPolicy(
+                max_attempts=int(values.get("max_attempts", retry.max_attempts)),
+                backoff_base_s=values.get("backoff_base_s", retry.backoff_base_s),
+                backoff_max_s=values.get("backoff_max_s", retry.backoff_max_s),
+                deadline_s=values.get("deadline_s", retry.deadline_s),
+            )
+        breaker = base.breaker
+        if "breaker" in fields:
+            values = self.numbers(fields["breaker"], "breaker", _BREAKER_KEYS)
+            if not 0 < values.get("error_rate", 0.5) <= 1:
+                raise self.error(fields["breaker"], "error_rate must be in (0, 1]")
+            breaker = BreakerPolicy(
+                failures=int(values.get("failures", breaker.failures)),
+                error_rate=values.get("error_rate", breaker.error_rate),
+                window_s=values.get("window_s", breaker.window_s),
+                min_requests=int(values.get("min_requests", breaker.min_requests)),
+                cooldown_s=values.get("cooldown_s", breaker.cooldown_s),
+                half_open_probes=int(values.get("half_open_probes", breaker.half_open_probes)),
+            )
+        return ModelRoute(strategy, fallbacks, after, retry, breaker)
+
+    def budget(self, node: yaml.Node) -> BudgetPolicy:
+        values = self.numbers(node, "budget", _BUDGET_KEYS)
+        base = BudgetPolicy()
+        return BudgetPolicy(
+            percent=values.get("percent", base.percent), min_concurrent=int(values.get("min_concurrent", base.min_concurrent))
+        )
+
+    def numbers(self, node: yaml.Node, what: str, allowed: frozenset[str]) -> dict[str, float]:
+        """A mapping of positive numbers."""
+        values = {}
+        for name, value_node in self.mapping(node, what, allowed).items():
+            value = self.number(value_node)
+            if value <= 0:
+                raise self.error(value_node, f"{name} must be greater than 0")
+            values[name] = value
+        return values
+
+    def choice(self, node: yaml.Node, kind: type[_E]) -> _E:
+        value = self.string(node)
+        for member in kind:
+            if member.value == value:
+                return member
+        raise self.error(node, f"expected one of {', '.join(m.value for m in kind)}, not {value!r}")
 
     def deployment(self, public: str, index: int, node: yaml.Node, timeouts: Timeouts) -> DeploymentSpec:
         fields = self.mapping(node, f"a deployment of {public!r}", _DEPLOYMENT_KEYS)

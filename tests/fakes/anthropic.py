@@ -53,7 +53,7 @@ class AnthropicFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens)
+            return self._generated(knobs.tokens, knobs.offset)
         pre: list[bytes] = []
         tokens: list[bytes] = []
         done: list[bytes] = []
@@ -71,12 +71,12 @@ class AnthropicFake(Provider):
                 pre.append(event)
         return Script(pre, tokens, [pending] if pending else [], done)
 
-    def _generated(self, n: int) -> Script:
+    def _generated(self, n: int, offset: int = 0) -> Script:
         events = self._recordings["text"]
         pre = events[:3]  # message_start, content_block_start, ping
         _, template = _parse(events[3])
         tokens = []
-        for text in generated_tokens(n):
+        for text in generated_tokens(n, offset):
             template["delta"]["text"] = text
             tokens.append(_event("content_block_delta", template))
         _, delta = _parse(events[-2])

@@ -22,6 +22,11 @@ public model at a failure mode. Knobs:
     code=X         the provider's structured error code/type for `status`
     retry_after=S, retry_after_ms=MS   headers of an error answer
     crlf           CRLF line endings     split=K   write each event in K-byte pieces
+    hang           accept the request and never answer (no status line, no headers)
+    offset=K       `tokens=N` starts at generated word K (a continuation that repeats some)
+    times=N        the failure knobs apply to the first N requests of this model string only
+    period=P       with `times`: the pattern repeats every P requests (times=1,period=2 flaps)
+    tag=X          ignored: makes a model string (and so its `times` counter) unique
 
 Observation: `requests` (every request: method, path, headers, body), `disconnects` (the
 `time.monotonic()` at which a client dropped a stream before its end), `GET /_fake/state` for
@@ -57,6 +62,16 @@ class Knobs:
     retry_after_ms: str | None = None
     crlf: bool = False
     split: int | None = None
+    hang: bool = False
+    offset: int = 0
+    times: int | None = None
+    period: int | None = None
+    tag: str | None = None
+
+    def healthy(self) -> Knobs:
+        """These knobs without their failure modes."""
+        return replace(self, ttft=0.0, cut=None, reset=None, stall=None, stream_error=None, malformed=None,
+                       no_done=False, status=None, hang=False)
 
     @classmethod
     def parse(cls, text: str, base: Knobs | None = None) -> Knobs:
@@ -150,9 +165,9 @@ def events_of(fixture: bytes) -> list[bytes]:
 WORDS = "The quick brown fox jumps over the lazy dog , and then it rests in the sun .".split()
 
 
-def generated_tokens(n: int) -> list[str]:
-    """The text tokens of `tokens=N`."""
-    return [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(n)]
+def generated_tokens(n: int, offset: int = 0) -> list[str]:
+    """The text tokens of `tokens=N` (from word `offset` on, as the same answer goes on)."""
+    return [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(offset, offset + n)]
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -170,6 +185,7 @@ class FakeServer:
         self.disconnects: list[float] = []
         self.completed = 0
         self.connections = 0  # TCP connections accepted (keep-alive reuse shows here)
+        self.counts: dict[str, int] = {}  # requests per model string (the `times` knob)
         self._port = port
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -259,8 +275,14 @@ class FakeServer:
             payload = json.loads(body) if body else {}
         except ValueError:
             payload = {}
-        _, knob_text = split_model(self.provider.model_of(target, payload))
+        model = self.provider.model_of(target, payload)
+        _, knob_text = split_model(model)
         knobs = Knobs.parse(knob_text, self.knobs)
+        seen = self.counts[model] = self.counts.get(model, 0) + 1
+        if knobs.times is not None and ((seen - 1) % (knobs.period or seen)) >= knobs.times:
+            knobs = knobs.healthy()
+        if knobs.hang:
+            await asyncio.sleep(3600)
         if knobs.status is not None:
             answer = self.provider.error(knobs.status, knobs)
             if knobs.retry_after is not None:

@@ -51,14 +51,14 @@ class GeminiFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens)
+            return self._generated(knobs.tokens, knobs.offset)
         return Script([], list(self._recordings.get(knobs.scenario, self._recordings["text"])), [])
 
-    def _generated(self, n: int) -> Script:
+    def _generated(self, n: int, offset: int = 0) -> Script:
         recording = self._recordings["text"]
         template, last = _data(recording[0]), _data(recording[-1])
         tokens = []
-        for i, text in enumerate(generated_tokens(n)):
+        for i, text in enumerate(generated_tokens(n, offset)):
             obj = copy.deepcopy(last if i == n - 1 else template)
             obj["candidates"][0]["content"]["parts"][0]["text"] = text
             if i == n - 1:

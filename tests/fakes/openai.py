@@ -44,7 +44,7 @@ class OpenAIFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens)
+            return self._generated(knobs.tokens, knobs.offset)
         pre: list[bytes] = []
         tokens: list[bytes] = []
         post: list[bytes] = []
@@ -63,12 +63,12 @@ class OpenAIFake(Provider):
                 pre.append(event)
         return Script(pre, tokens, post, done)
 
-    def _generated(self, n: int) -> Script:
+    def _generated(self, n: int, offset: int = 0) -> Script:
         recording = self._recordings["text"]
         role, template = _data(recording[0]), _data(recording[1])
         finish, usage = _data(recording[-3]), _data(recording[-2])
         tokens = []
-        for text in generated_tokens(n):
+        for text in generated_tokens(n, offset):
             template["choices"][0]["delta"]["content"] = text
             tokens.append(_compact(template))
         usage["usage"] = {"prompt_tokens": 14, "completion_tokens": n, "total_tokens": 14 + n}
