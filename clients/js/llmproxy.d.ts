@@ -1,6 +1,7 @@
 // TypeScript declarations for llmproxy.js (docs/protocol.md is the wire format).
 
-export type ConnectionState = "idle" | "connecting" | "open" | "closing" | "closed";
+/** `reconnecting`: the socket dropped; live streams wait, the client reconnects and resumes. */
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closing" | "closed";
 export type StreamState = "pending" | "streaming" | "done" | "failed";
 
 /** Error codes sent by the server (docs/protocol.md). */
@@ -21,10 +22,11 @@ export type ServerErrorCode =
   | "upstream_error"
   | "timeout"
   | "unavailable"
+  | "expired"
   | "internal";
 
 /** Error codes made by the client itself. */
-export type ClientErrorCode = "connection_failed" | "connection_lost" | "client_closed" | "timeout" | "protocol_error";
+export type ClientErrorCode = "connection_failed" | "connection_lost" | "client_closed" | "timeout" | "protocol_error" | "unknown_stream";
 
 export type ErrorCode = ServerErrorCode | ClientErrorCode;
 
@@ -61,6 +63,8 @@ export interface StreamRequest {
   seed?: number;
   tools?: ToolDefinition[];
   tool_choice?: "auto" | "none" | "required" | string | { type: "function"; function: { name: string } };
+  /** Keep this conversation's history on the server: send only the new user message. */
+  conversation?: string;
 }
 
 export interface Usage {
@@ -151,8 +155,47 @@ export interface PongFrame extends FrameBase {
   server_time_us: number;
 }
 
-export type StreamFrame = StartedFrame | TokenFrame | ReasoningFrame | ToolCallFrame | DoneFrame | ErrorFrame;
-export type ServerFrame = StreamFrame | PongFrame;
+/** The first frame of every connection. */
+export interface SessionFrame extends FrameBase {
+  type: "session";
+  session_id: string;
+  /** Secret: proves the right to resume the session. */
+  resume_token: string;
+  /** How long streams outlive a dropped connection (default 30000). */
+  resume_grace_ms: number;
+}
+
+export interface ResumedStream {
+  after_seq: number;
+  replayed: number;
+  live: boolean;
+  /** false: the server never saw this stream (its start was lost); the client starts it again. */
+  known: boolean;
+}
+
+export interface ResumedFrame extends FrameBase {
+  type: "resumed";
+  session_id: string;
+  streams: Record<string, ResumedStream>;
+}
+
+/** A `modify` stopped the generation and started the amended one; seqs continue. */
+export interface RestartedFrame extends FrameBase {
+  type: "restarted";
+  id: string;
+  seq: number;
+  /** false: discard the text shown so far for this stream. */
+  keep_partial: boolean;
+}
+
+export interface HeartbeatFrame extends FrameBase {
+  type: "heartbeat";
+  id: string;
+  idle_ms: number;
+}
+
+export type StreamFrame = StartedFrame | TokenFrame | ReasoningFrame | ToolCallFrame | RestartedFrame | DoneFrame | ErrorFrame;
+export type ServerFrame = StreamFrame | PongFrame | SessionFrame | ResumedFrame | HeartbeatFrame;
 
 export class LLMProxyError extends Error {
   readonly name: "LLMProxyError";
@@ -171,6 +214,8 @@ export class LLMProxyError extends Error {
 export interface StreamCallbacks {
   onStarted?: ((frame: StartedFrame) => void) | null;
   onToken?: ((text: string, frame: TokenFrame) => void) | null;
+  /** After `modify`: when `frame.keep_partial` is false, `text` starts afresh. */
+  onRestarted?: ((frame: RestartedFrame) => void) | null;
   /** Every frame of the stream, including reasoning and tool_call. */
   onFrame?: ((frame: StreamFrame) => void) | null;
   onDone?: ((frame: DoneFrame) => void) | null;
@@ -181,20 +226,30 @@ export class StreamHandle implements AsyncIterable<string> {
   readonly id: string;
   readonly state: StreamState;
   readonly started: StartedFrame | null;
-  /** The last sequence number received. */
+  /** The last sequence number received (sent in `resume`). */
   readonly lastSeq: number;
-  /** The text received so far. */
+  /** Frames dropped as already delivered (a replay overlap). */
+  readonly duplicates: number;
+  /** How many times `modify` restarted the stream. */
+  readonly restarts: number;
+  /** The answer so far (since the last restart that dropped the partial answer). */
   readonly text: string;
   readonly ended: boolean;
   /** Resolves to the `done` frame; rejects with `LLMProxyError` if the stream failed. */
   readonly done: Promise<DoneFrame>;
   onStarted: StreamCallbacks["onStarted"];
   onToken: StreamCallbacks["onToken"];
+  onRestarted: StreamCallbacks["onRestarted"];
   onFrame: StreamCallbacks["onFrame"];
   onDone: StreamCallbacks["onDone"];
   onError: StreamCallbacks["onError"];
   /** Asks the server to stop; the stream ends with finish_reason "cancelled". Idempotent. */
   cancel(): Promise<DoneFrame>;
+  /**
+   * Stops the current generation and starts the amended one under the same id.
+   * Resolves to the `restarted` frame; rejects if the stream ends first.
+   */
+  modify(change: { messages?: ChatMessage[]; append?: ChatMessage[]; keepPartial?: boolean }): Promise<RestartedFrame>;
   /** Token texts as they arrive; throws `LLMProxyError` on failure; breaking out cancels. */
   [Symbol.asyncIterator](): AsyncIterator<string>;
 }
@@ -202,10 +257,34 @@ export class StreamHandle implements AsyncIterable<string> {
 /** Any constructor with the browser WebSocket API (browsers, Node 22, Node 20 with --experimental-websocket). */
 export type WebSocketConstructor = new (url: string) => WebSocket;
 
+export interface Backoff {
+  /** First delay; default 1000. */
+  baseMs: number;
+  /** Growth per attempt; default 1.6. */
+  factor: number;
+  /** Relative jitter, +/-; default 0.2. */
+  jitter: number;
+  /** Cap before jitter; default 15000. */
+  maxMs: number;
+}
+
+export const DEFAULT_BACKOFF: Readonly<Backoff>;
+/** The delay before reconnect attempt `attempt` (0-based). */
+export function backoffDelayMs(attempt: number, backoff?: Backoff, random?: () => number): number;
+
 export interface ClientOptions {
   WebSocket?: WebSocketConstructor;
-  /** Default 10000. */
+  /** One connection attempt, up to its session (and resume); default 10000. */
   connectTimeoutMs?: number;
+  /** Reconnect and resume after a drop; default true. */
+  reconnect?: boolean;
+  backoff?: Partial<Backoff>;
+  /** Failed reconnect attempts in a row before live streams fail; default 12. */
+  maxAttempts?: number;
+  /** With live streams, a socket silent this long is treated as dead; default 45000, 0: off. */
+  idleTimeoutMs?: number;
+  /** Every (re)connection: the session in use, and whether the old one was resumed. */
+  onSession?: ((session: SessionFrame, info: { resumed: boolean; streams?: Record<string, ResumedStream>; refused?: ErrorFrame }) => void) | null;
   /** Prefix of generated stream ids; default "s". */
   idPrefix?: string;
   onStateChange?: ((state: ConnectionState, previous: ConnectionState) => void) | null;
@@ -214,8 +293,15 @@ export interface ClientOptions {
 }
 
 export class LLMProxyClient {
-  constructor(url: string, options?: ClientOptions);
+  /** One bridge URL, or several: each reconnect tries the next. */
+  constructor(url: string | string[], options?: ClientOptions);
+  readonly urls: string[];
+  /** The URL of the current (or next) connection. */
   readonly url: string;
+  /** The current session (null before the first connection). */
+  readonly session: SessionFrame | null;
+  /** Reconnect attempts so far. */
+  readonly reconnects: number;
   readonly state: ConnectionState;
   onStateChange: ClientOptions["onStateChange"];
   onError: ClientOptions["onError"];
@@ -225,8 +311,10 @@ export class LLMProxyClient {
   stream(request: StreamRequest, callbacks?: StreamCallbacks): StreamHandle;
   /** Application-level ping: resolves to the round trip in milliseconds. */
   ping(options?: { timeoutMs?: number }): Promise<number>;
-  /** Closes the socket; live streams fail with `client_closed`. */
+  /** Ends the session (close code 1000: the server cancels its streams); live streams fail with `client_closed`. */
   close(code?: number, reason?: string): Promise<void>;
+  /** Drops the socket as a network failure would (code 4000); the client reconnects and resumes. */
+  dropConnection(): void;
 }
 
 export default LLMProxyClient;

@@ -8,16 +8,13 @@ judges them. The screenshot lands in tests/artifacts/chat.png.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.support.node import run_node
 from tests.support.procs import ROOT
 
 # 50 ms between tokens: slow enough that "one by one" and "nothing after Stop" are visible.
@@ -26,22 +23,6 @@ INTERVAL_MS = 50
 QUIET_MS = 15 * INTERVAL_MS  # the window after the stop in which no token may arrive
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = ROOT / "tests" / "artifacts" / "chat.png"
-
-
-def run_node(args: list[str], timeout_s: float) -> dict:
-    """Runs `node ARGS` in its own process group; returns the JSON object it prints last."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (make install-test)")
-    proc = subprocess.Popen([node, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # node and the browser it started
-        out, err = proc.communicate()
-        pytest.fail(f"node {args[0]} did not finish in {timeout_s}s\n{err}")
-    assert proc.returncode == 0, f"node {args[0]} exited {proc.returncode}\n{err}"
-    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.browser

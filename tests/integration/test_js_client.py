@@ -9,37 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 
 import pytest
 
 from llmproxy_client import LLMProxyClient
-from tests.support.procs import ROOT
+from tests.support.node import run_node
 
 PACE = ("--demo-ttft-ms", "50", "--demo-tokens-per-s", "20", "--demo-jitter", "0")  # 50 ms per token
 PROMPTS = {"q": "Explain quantum computing", "p": "How does photosynthesis work?", "b": "What is a black hole?"}
 SEED = 3
 MAX_TOKENS = 60
 CANCEL_ID, CANCEL_AFTER = "p", 10
-
-
-def run_node(args: list[str], timeout_s: float) -> dict:
-    """Runs `node ARGS` in its own process group; returns the JSON object it prints last."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (make install-test)")
-    proc = subprocess.Popen([node, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"node {args[-2]} did not finish in {timeout_s}s\n{err}")
-    assert proc.returncode == 0, f"node exited {proc.returncode}\n{err}"
-    return json.loads(out.strip().splitlines()[-1])
 
 
 async def read_direct(grpc_target: str) -> dict[str, str]:
