@@ -52,8 +52,10 @@ class FrameError(Exception):
 # -- client JSON -> proto ------------------------------------------------------------------------
 
 
-def decode_client_frame(data: str | bytes, max_bytes: int) -> pb.ClientFrame:
-    """Parses one WebSocket message. Raises `FrameError` with a typed code."""
+def decode_client_frame(data: str | bytes, max_bytes: int, max_messages: int = 1024) -> pb.ClientFrame:
+    """Parses one WebSocket message. Raises `FrameError` with a typed code, and nothing else
+    (tests/unit/bridge/test_codec_fuzz.py). `max_messages` bounds `messages` and `append`
+    before any proto is built (the server checks the same limit again)."""
     if isinstance(data, bytes):
         raise FrameError(Code.MALFORMED_FRAME, "binary frames are not accepted; send JSON as text frames")
     if len(data) > max_bytes:  # characters <= bytes, so this check is never too strict
@@ -70,6 +72,10 @@ def decode_client_frame(data: str | bytes, max_bytes: int) -> pb.ClientFrame:
         raise FrameError(Code.INVALID_REQUEST, "id must be a string")
     if kind is None and "messages" in obj:
         kind = "start"  # the bare OpenAI-style request
+    for key in ("messages", "append"):
+        items = obj.get(key)
+        if isinstance(items, list) and len(items) > max_messages:
+            raise FrameError(Code.INVALID_REQUEST, f"at most {max_messages} messages per request", stream_id)
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise FrameError(
@@ -292,6 +298,11 @@ def _timing(t: pb.Timing) -> dict[str, float | int]:
         "itl_p95_ms": _ms(t.itl_p95_us),
         "itl_p99_ms": _ms(t.itl_p99_us),
         "itl_max_ms": _ms(t.itl_max_us),
+        "stalls": t.stalls,
+        "relay_p50_ms": _ms(t.relay_p50_us),
+        "relay_max_ms": _ms(t.relay_max_us),
+        "attempts": t.attempts,
+        "ux_score": t.ux_score,
     }
 
 
@@ -420,7 +431,24 @@ def _enc_heartbeat(f: pb.ServerFrame) -> bytes:
     return orjson.dumps({"type": "heartbeat", "id": h.stream_id, "idle_ms": h.idle_ms, "token": "", "latency": "0ms"})
 
 
+def _enc_failover(f: pb.ServerFrame) -> bytes:
+    o = f.failover
+    return orjson.dumps(
+        {
+            "type": "failover",
+            "id": o.stream_id,
+            "seq": o.seq,
+            "deployment": o.deployment,
+            "provider": o.provider,
+            "upstream_model": o.upstream_model,
+            "token": "",
+            "latency": _latency(o.latency_us),
+        }
+    )
+
+
 _ENCODERS: dict[str, Callable[[pb.ServerFrame], bytes]] = {
+    "failover": _enc_failover,
     "session": _enc_session,
     "resumed": _enc_resumed,
     "restarted": _enc_restarted,

@@ -31,8 +31,15 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
     parser.add_argument("--ping-interval-s", type=float, default=20.0)
     parser.add_argument("--ping-timeout-s", type=float, default=20.0)
     parser.add_argument("--allowed-origin", action="append", default=[], help="exact Origin to accept (repeatable)")
+    parser.add_argument("--open-timeout-s", type=float, default=10.0, help="the opening handshake must complete within this")
+    parser.add_argument("--max-messages", type=int, default=1024, help="messages per start/modify frame")
+    parser.add_argument("--tls-cert", default="", help="PEM certificate chain: serve wss:// (and https://)")
+    parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    parser.add_argument("--grpc-ca", default="", help="PEM CA bundle: gRPC over TLS to the server")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     static = {"/": root / "static"}
     js_dir = root.parent / "clients" / "js"
@@ -47,27 +54,35 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
         ping_timeout_s=args.ping_timeout_s,
         allowed_origins=tuple(args.allowed_origin),
         static_dirs=static,
+        open_timeout_s=args.open_timeout_s,
+        max_messages=args.max_messages,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        grpc_ca=args.grpc_ca,
     )
 
 
 async def serve(config: BridgeConfig) -> None:
-    channel = grpc.aio.insecure_channel(
-        config.grpc_target,
-        options=[
-            # Keepalive within the server's enforcement policy (>= 10 s between pings), so a
-            # dead server is noticed without ever earning a too_many_pings GOAWAY.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ],
-    )
+    channel_options: list[tuple[str, int]] = [
+        # Keepalive within the server's enforcement policy (>= 10 s between pings), so a
+        # dead server is noticed without ever earning a too_many_pings GOAWAY.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if config.grpc_ca:
+        ca = Path(config.grpc_ca).read_bytes()
+        channel = grpc.aio.secure_channel(config.grpc_target, grpc.ssl_channel_credentials(root_certificates=ca), channel_options)
+    else:
+        channel = grpc.aio.insecure_channel(config.grpc_target, options=channel_options)
     channel.get_state(try_to_connect=True)  # connect now: the first stream should not pay for it
     bridge = Bridge(config, channel)
     server = await bridge.start()
     watchdog = asyncio.create_task(bridge.watchdog())
     port = next(iter(server.sockets)).getsockname()[1]
-    print(f"llmproxy-bridge listening on ws://{config.host}:{port}/stream", flush=True)
+    scheme = "wss" if config.tls_cert else "ws"
+    print(f"llmproxy-bridge listening on {scheme}://{config.host}:{port}/stream", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,7 +25,10 @@ import asyncio
 import http
 import logging
 import mimetypes
+import re
+import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
@@ -66,6 +70,65 @@ class BridgeConfig:
     ping_timeout_s: float = 20.0
     allowed_origins: tuple[str, ...] = ()  # exact matches; the bridge's own origin is always allowed
     static_dirs: dict[str, Path] = field(default_factory=dict)  # URL prefix -> directory
+    open_timeout_s: float = 10.0  # the opening handshake must complete within this
+    max_messages: int = 1024  # messages per start/modify frame (the server checks again)
+    tls_cert: str = ""  # PEM chain and key: serve wss:// and https://
+    tls_key: str = ""
+    grpc_ca: str = ""  # PEM CA bundle: talk gRPC over TLS to the server, trusting these roots
+
+
+SUBPROTOCOL = Subprotocol("llmproxy")
+BEARER_SUBPROTOCOL_PREFIX = "llmproxy.bearer."
+# What a key may look like on the way through: RFC 7230 token characters, bounded. The server
+# decides whether it is valid; this only keeps junk out of gRPC metadata.
+_CREDENTIAL_RE = re.compile(r"[A-Za-z0-9._~+/=-]{1,256}")
+
+
+_SECRET_RES = (
+    (re.compile(r"(?i)(authorization:\s*)[^\r\n]*"), r"\1[redacted]"),
+    (re.compile(r"(?i)(llmproxy\.bearer\.)[^\s,'\"]*"), r"\1[redacted]"),
+)
+
+
+class RedactCredentials(logging.Filter):
+    """Scrubs keys from websockets' own log records (at DEBUG it logs every handshake
+    header, Authorization and Sec-WebSocket-Protocol included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        redacted = text
+        for pattern, replacement in _SECRET_RES:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != text:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class BadCredential(Exception):
+    """The handshake carried a malformed, oversized or ambiguous credential."""
+
+
+def handshake_credential(headers: Headers) -> str | None:
+    """The API key of a handshake: `Authorization: Bearer <key>` (non-browser clients) or a
+    `llmproxy.bearer.<key>` entry in `Sec-WebSocket-Protocol` (browsers cannot set headers).
+    None when there is none; `BadCredential` when malformed or given more than once. Never
+    read from the URL: query strings end up in access logs."""
+    found: list[str] = []
+    for value in headers.get_all("Authorization"):
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer":
+            raise BadCredential("the Authorization header must be `Bearer <key>`")
+        found.append(token)
+    for value in headers.get_all("Sec-WebSocket-Protocol"):
+        for item in value.split(","):
+            item = item.strip()
+            if item.startswith(BEARER_SUBPROTOCOL_PREFIX):
+                found.append(item[len(BEARER_SUBPROTOCOL_PREFIX) :])
+    if not found:
+        return None
+    if len(found) > 1 or not _CREDENTIAL_RE.fullmatch(found[0]):
+        raise BadCredential("one well-formed API key is expected")
+    return found[0]
 
 
 SERVED_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico"})
@@ -89,6 +152,13 @@ class StaticFiles:
 
     def get(self, path: str) -> tuple[bytes, str] | None:
         return self._files.get(path.split("?", 1)[0])
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Selects `llmproxy` when offered (a browser sending its key as `llmproxy.bearer.<key>`
+    must offer `llmproxy` too: RFC 6455 4.1 makes it fail unless the server selects one of the
+    offered values, and the key itself is never echoed back). Nothing offered: none selected."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
@@ -129,11 +199,22 @@ class Bridge:
         self._origins = self._origins | own
 
     async def start(self) -> Server:
+        ws_logger = logging.getLogger("websockets.server")
+        if not any(isinstance(f, RedactCredentials) for f in ws_logger.filters):
+            ws_logger.addFilter(RedactCredentials())
+        tls: ssl.SSLContext | None = None
+        if self._config.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self._config.tls_cert, self._config.tls_key)
         server = await serve(
             self._handle,
             self._config.host,
             self._config.port,
             process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
+            open_timeout=self._config.open_timeout_s,
+            ssl=tls,
+            logger=ws_logger,
             compression=None,  # permessage-deflate costs throughput and memory (docs/protocol.md)
             max_size=4 * self._config.max_frame_bytes,
             ping_interval=self._config.ping_interval_s,
@@ -160,16 +241,25 @@ class Bridge:
         return _response(http.HTTPStatus.OK, *found)
 
     async def _handle(self, ws: ServerConnection) -> None:
-        if ws.request is not None and ws.request.path.split("?", 1)[0] == "/stats":
-            await self._stats(ws)
+        assert ws.request is not None
+        try:
+            key = handshake_credential(ws.request.headers)
+        except BadCredential as exc:
+            await ws.send(encode_error(Code.UNAUTHENTICATED, str(exc)), text=True)
+            await ws.close(1008, "unauthenticated")
             return
-        call = self._stub.Stream()
+        # The identity goes to the server as call metadata, and nowhere else (no log, no frame).
+        metadata = (("authorization", f"Bearer {key}"),) if key is not None else None
+        if ws.request.path.split("?", 1)[0] == "/stats":
+            await self._stats(ws, metadata)
+            return
+        call = self._stub.Stream(metadata=metadata)
         downstream = asyncio.create_task(self._downstream(call, ws))
-        max_bytes = self._config.max_frame_bytes
+        max_bytes, max_messages = self._config.max_frame_bytes, self._config.max_messages
         try:
             async for message in ws:
                 try:
-                    frame = decode_client_frame(message, max_bytes)
+                    frame = decode_client_frame(message, max_bytes, max_messages)
                 except FrameError as exc:
                     await ws.send(encode_error(exc.code, exc.message, exc.stream_id), text=True)
                     continue
@@ -187,9 +277,9 @@ class Bridge:
             downstream.cancel()
             await asyncio.gather(downstream, return_exceptions=True)
 
-    async def _stats(self, ws: ServerConnection) -> None:
+    async def _stats(self, ws: ServerConnection, metadata: tuple[tuple[str, str], ...] | None) -> None:
         """Relays live snapshots until either side goes away."""
-        call = self._stub.WatchStats(pb.WatchStatsRequest(interval_ms=1000))
+        call = self._stub.WatchStats(pb.WatchStatsRequest(interval_ms=1000), metadata=metadata)
         try:
             async for snapshot in call:
                 data = json_format.MessageToDict(

@@ -8,7 +8,12 @@
     │   ├── TooManyStreams
     │   ├── UnknownStream
     │   ├── SessionExpired          resume of an unknown / expired session, or a wrong token
-    │   └── TooManySessions
+    │   ├── TooManySessions
+    │   ├── Unauthenticated         no, a malformed, an unknown or a revoked API key
+    │   ├── ForbiddenModel          the key may not use this model
+    │   ├── KeyRateLimited          the key's requests or tokens per minute (retry_after_s set)
+    │   ├── QuotaExceeded           the key's token budget for the period is spent (retry_after_s)
+    │   └── TooManyConnections      the key's concurrent connections
     ├── UpstreamError               the provider failed; keeps HTTP status and a redacted body
     │   ├── RateLimited             429 (retryable, retry_after_s from the headers)
     │   ├── Overloaded              503 / Anthropic 529 overloaded_error (retryable)
@@ -108,6 +113,34 @@ class SessionExpired(CallerError):
 
 
 class TooManySessions(CallerError):
+    code = Code.RATE_LIMITED
+    retryable = True
+
+
+class Unauthenticated(CallerError):
+    """One error (and message) for a missing, malformed, unknown or revoked key, so a probe
+    learns nothing about which keys exist."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class ForbiddenModel(CallerError):
+    code = Code.FORBIDDEN_MODEL
+
+
+class KeyRateLimited(CallerError):
+    """A per-key limit of the proxy (not the provider's 429, which is `RateLimited`)."""
+
+    code = Code.RATE_LIMITED
+    retryable = True
+
+
+class QuotaExceeded(CallerError):
+    code = Code.QUOTA_EXCEEDED
+    retryable = True  # after retry_after_s, when the next budget period starts
+
+
+class TooManyConnections(CallerError):
     code = Code.RATE_LIMITED
     retryable = True
 

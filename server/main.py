@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -24,6 +25,8 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
+from server.auth.policy import AuthPolicy
+from server.auth.store import KeyStore
 from server.config import ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
@@ -42,6 +45,10 @@ class Options:
     metrics_listen: str = ""  # host:port for Prometheus /metrics; empty: off
     request_log: str = ""  # SQLite path; empty: off
     request_log_retention_s: float = 7 * 86400
+    auth_db: str = ""  # SQLite key store (server/auth); empty: no keys, loopback only
+    insecure_no_auth: bool = False  # serve beyond loopback without keys (loud warning)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key: gRPC over TLS
+    tls_key: str = ""
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -62,8 +69,14 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--metrics-listen", default="", help="host:port for Prometheus /metrics (e.g. 127.0.0.1:9464)")
     parser.add_argument("--request-log", default="llmproxy-requests.sqlite3", help="SQLite request log; '' turns it off")
     parser.add_argument("--request-log-retention-days", type=float, default=7.0)
+    parser.add_argument("--auth-db", default="", help="SQLite API key store (python -m server.auth.cli); empty: no auth")
+    parser.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --listen without --auth-db")
+    parser.add_argument("--tls-cert", default="", help="PEM certificate chain for gRPC over TLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         listen=args.listen,
@@ -81,7 +94,46 @@ def parse_args(argv: list[str] | None) -> Options:
         slow_client_timeout_s=args.slow_client_timeout_s,
         janitor_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
     )
-    return Options(config, service, args.metrics_listen, args.request_log, args.request_log_retention_days * 86400)
+    return Options(
+        config,
+        service,
+        args.metrics_listen,
+        args.request_log,
+        args.request_log_retention_days * 86400,
+        auth_db=args.auth_db,
+        insecure_no_auth=args.insecure_no_auth,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether host:port binds only the loopback interface (an empty host or 0.0.0.0 does not)."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(options: Options) -> None:
+    """Without keys the proxy serves only loopback: refuses any other address unless the
+    operator said --insecure-no-auth (docs/security.md)."""
+    if options.auth_db or is_loopback(options.config.listen):
+        return
+    if not options.insecure_no_auth:
+        raise SystemExit(
+            f"llmproxy-server: refusing to listen on {options.config.listen} without API keys. Create keys with "
+            "`python -m server.auth.cli create --db keys.sqlite3` and pass --auth-db keys.sqlite3, listen on "
+            "127.0.0.1, or pass --insecure-no-auth to serve anyone who can reach this address."
+        )
+    log.warning(
+        "INSECURE: listening on %s with NO AUTHENTICATION (--insecure-no-auth): anyone who can reach this "
+        "address can spend the provider keys",
+        options.config.listen,
+    )
 
 
 async def serve(options: Options) -> None:
@@ -100,8 +152,10 @@ async def serve(options: Options) -> None:
     )
     metrics = Metrics()
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
-    analytics = Analytics(metrics, request_log, LiveWindow())
-    servicer = LLMProxyServicer(router, catalog, options.service, analytics)
+    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state))
+    key_store = KeyStore(options.auth_db) if options.auth_db else None
+    auth = AuthPolicy(key_store) if key_store is not None else None
+    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
     if options.metrics_listen:
         from prometheus_client import start_http_server
 
@@ -114,7 +168,12 @@ async def serve(options: Options) -> None:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
+    if options.tls_cert:
+        with open(options.tls_key, "rb") as kf, open(options.tls_cert, "rb") as cf:
+            credentials = grpc.ssl_server_credentials([(kf.read(), cf.read())])
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         raise SystemExit(f"llmproxy-server: cannot listen on {config.listen}")
     await server.start()
@@ -123,6 +182,8 @@ async def serve(options: Options) -> None:
     host = config.listen.rsplit(":", 1)[0]
     print(f"llmproxy-server listening on {host}:{port}", flush=True)
     log.info("serving models: %s", ", ".join(catalog.names()))
+    if key_store is not None:
+        log.info("authentication on: %d active API keys", sum(not r.revoked for r in key_store.list()))
 
     janitor = asyncio.create_task(servicer.janitor())
     stop = asyncio.Event()
@@ -139,6 +200,8 @@ async def serve(options: Options) -> None:
     await analytics.flush()
     if request_log is not None:
         request_log.close()
+    if key_store is not None:
+        key_store.close()
 
 
 def run_loop(coro_factory: object) -> None:
@@ -153,6 +216,7 @@ def run_loop(coro_factory: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
+    check_exposure(options)
     try:
         run_loop(lambda: serve(options))
     except ConfigError as exc:  # file:line: problem, without a traceback

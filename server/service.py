@@ -17,6 +17,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -28,10 +29,11 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
+from server.auth.policy import AuthPolicy, Principal
 from server.catalog import Catalog
 from server.core.events import Failed, StreamEvent
 from server.core.registry import SessionRegistry
-from server.core.session import CancelUpstream, Session, StartUpstream
+from server.core.session import CancelUpstream, Session, StartUpstream, StreamRecord
 from server.core.session_limits import SessionLimits
 from server.errors import InternalError, ProxyError, StreamCut
 from server.routing import Router
@@ -57,8 +59,16 @@ class SessionRuntime:
         self._upstreams: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.owner: Connection | None = None
+        # The key's models and limits, checked before a start reaches the session (auth on).
+        self.admit: Callable[[pb.StartStream], ProxyError | None] | None = None
 
     def feed_frame(self, frame: pb.ClientFrame) -> None:
+        if self.admit is not None and frame.WhichOneof("kind") == "start":
+            refused = self.admit(frame.start)
+            if refused is not None:  # an error with seq 0, before any upstream call
+                self.session.reject(frame.start.stream_id, refused)
+                self.wake.set()
+                return
         self.session.receive_frame(frame, time.monotonic_ns())
         self.apply()
 
@@ -181,9 +191,15 @@ class Connection:
 
 class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def __init__(
-        self, router: Router, catalog: Catalog, settings: ServiceSettings, analytics: Analytics | None = None
+        self,
+        router: Router,
+        catalog: Catalog,
+        settings: ServiceSettings,
+        analytics: Analytics | None = None,
+        auth: AuthPolicy | None = None,
     ) -> None:
         self._router = router
+        self._auth = auth  # None: no keys configured (loopback only, see server/main.py)
         self._catalog = catalog
         self._settings = settings
         self._analytics = analytics or Analytics(Metrics(), None, LiveWindow())
@@ -237,7 +253,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             active = tokens = 0
             for runtime in list(self._runtimes.values()):
                 session = runtime.session
-                self._analytics.add(session.records(), now)
+                self._analytics.add(self._charged(session), now)
                 active += session.live_streams
                 tokens += session.tokens_relayed
                 if session.attached and session.live_streams:
@@ -253,8 +269,40 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
 
     def _forget(self, session: Session) -> None:
         """A session leaves the server: keep its last records and its token count."""
-        self._analytics.add(session.records(), time.monotonic_ns())
+        self._analytics.add(self._charged(session), time.monotonic_ns())
         self._tokens_gone += session.tokens_relayed
+
+    def _charged(self, session: Session) -> list[StreamRecord]:
+        """Takes the session's ended-stream records, counting their tokens against its key."""
+        records = session.records()
+        if self._auth is not None and records:
+            self._auth.charge(session.owner, sum(r.completion_tokens + r.reasoning_tokens for r in records))
+        return records
+
+    # -- authentication --------------------------------------------------------------------------
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        """The caller's key (None when auth is off); aborts the call UNAUTHENTICATED."""
+        if self._auth is None:
+            return None
+        try:
+            return self._auth.authenticate(context.invocation_metadata() or ())
+        except ProxyError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            raise  # not reached: abort raises
+
+    def _admission(self, principal: Principal) -> Callable[[pb.StartStream], ProxyError | None]:
+        """The per-start check of one key: its models, rates, budget and live streams."""
+        auth = self._auth
+        assert auth is not None
+
+        def admit(start: pb.StartStream) -> ProxyError | None:
+            live = 0
+            if principal.limits.concurrency:
+                live = sum(r.session.live_streams for r in self._runtimes.values() if r.session.owner == principal.key_id)
+            return auth.admit(principal, start.model, live)
+
+        return admit
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
@@ -262,12 +310,29 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     # -- RPCs ------------------------------------------------------------------------------------
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        principal = await self._authenticate(context)
+        if principal is not None:
+            assert self._auth is not None
+            try:
+                self._auth.open_connection(principal)
+            except ProxyError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+            try:
+                await self._stream(principal, context)
+            finally:
+                self._auth.close_connection(principal)
+        else:
+            await self._stream(None, context)
+
+    async def _stream(self, principal: Principal | None, context: grpc.aio.ServicerContext) -> None:
         try:
-            session = self._registry.create(time.monotonic_ns())
+            session = self._registry.create(time.monotonic_ns(), principal.key_id if principal else "")
         except ProxyError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
         runtime = SessionRuntime(session, self._router)
+        if principal is not None:
+            runtime.admit = self._admission(principal)
         self._runtimes[session.id] = runtime
         connection = Connection(self, runtime, context)
         runtime.owner = connection
@@ -275,7 +340,10 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         await connection.run()
 
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionState:
+        principal = await self._authenticate(context)
         session = self._registry.get(request.session_id, request.resume_token)
+        if session is not None and principal is not None and session.owner != principal.key_id:
+            session = None  # another key's session: the same answer as an unknown one
         if session is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such session, or it has expired")
         assert session is not None
@@ -299,11 +367,23 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             await asyncio.sleep(interval_s)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        principal = await self._authenticate(context)
+        allowed = principal.limits.models if principal is not None else frozenset()
         models = []
         for name in self._catalog.names():
+            if allowed and name not in allowed:
+                continue
             deployments = [
-                pb.DeploymentInfo(name=b.info.name, provider=b.info.provider, upstream_model=b.info.upstream_model, weight=b.info.weight)
-                for b in self._catalog.backends(name)
+                pb.DeploymentInfo(
+                    name=d.name,
+                    provider=d.provider,
+                    upstream_model=d.upstream_model,
+                    weight=d.weight,
+                    breaker_state=d.breaker,
+                    inflight=d.inflight,
+                    ttft_ewma_ms=d.ttft_ms,
+                )
+                for d in self._router.deployment_states(name)
             ]
             models.append(pb.ModelInfo(name=name, deployments=deployments))
         return pb.ListModelsResponse(models=models)

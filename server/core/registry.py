@@ -2,9 +2,9 @@
 
 A connection gets a fresh session when it opens. A `resume` as its first frame swaps that fresh
 session for the earlier one, if the id is known and the token matches (compared in constant
-time); otherwise the connection keeps its fresh session and gets one EXPIRED error that does not
-say which of the three checks failed. A detached session lives `resume_grace_s`; then it is
-closed (its streams cancelled) and forgotten. When the session count reaches its limit, the
+time) and the session belongs to the same API key; otherwise the connection keeps its fresh
+session and gets one EXPIRED error that does not say which of the checks failed. A detached
+session lives `resume_grace_s`; then it is closed (its streams cancelled) and forgotten. When the session count reaches its limit, the
 session detached the longest is evicted first; if every session is attached, creation fails.
 """
 
@@ -46,8 +46,9 @@ class SessionRegistry:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def create(self, now_ns: int) -> Session:
-        """A fresh, attached session. Raises `TooManySessions` when none can be evicted."""
+    def create(self, now_ns: int, owner: str = "") -> Session:
+        """A fresh, attached session of `owner` (an API key id, "" without auth). Raises
+        `TooManySessions` when none can be evicted."""
         if len(self._sessions) >= self._max_sessions:
             detached = [s for s in self._sessions.values() if not s.attached]
             if not detached:
@@ -62,6 +63,7 @@ class SessionRegistry:
             self._wall_time_ns,
             now_ns,
             resume_grace_ms=self._grace_ns // 1_000_000,
+            owner=owner,
         )
         self._sessions[session.id] = session
         return session
@@ -82,7 +84,8 @@ class SessionRegistry:
             current.reject("", InvalidRequest("resume must come before any stream on a connection"))
             return current
         target = self.get(resume.session_id, resume.resume_token)
-        if target is None or target is current:
+        # Another key's session is refused exactly like an unknown one (same error, same text).
+        if target is None or target is current or target.owner != current.owner:
             current.reject("", SessionExpired(EXPIRED_MESSAGE))
             return current
         del self._sessions[current.id]

@@ -114,9 +114,11 @@ class Session:
         wall_time_ns: Callable[[], int],
         now_ns: int,
         resume_grace_ms: int = 30_000,
+        owner: str = "",
     ) -> None:
         self.id = session_id
         self.token = resume_token
+        self.owner = owner  # the API key id the session belongs to ("" without auth)
         self._limits = limits
         self._known_models = known_models
         self._wall_time_ns = wall_time_ns
@@ -286,7 +288,7 @@ class Session:
             stream.deployment = event.deployment
             stream.provider = event.provider
             stream.attempts += 1
-            if stream.seq == 0:  # the first routing; failover and restarts send no second frame
+            if stream.seq == 0:  # the first routing; a failover before content, or a restart, sends nothing
                 stream.seq = 1
                 started = pb.StreamStarted(
                     stream_id=stream_id,
@@ -298,6 +300,17 @@ class Session:
                     latency_us=(now_ns - stream.started_ns) // 1000,
                 )
                 self._emit(stream, pb.ServerFrame(started=started), now_ns)
+            elif phase is Phase.STREAMING:  # continued on another deployment mid-answer
+                stream.seq += 1
+                failover = pb.StreamFailover(
+                    stream_id=stream_id,
+                    seq=stream.seq,
+                    deployment=event.deployment,
+                    provider=event.provider,
+                    upstream_model=event.upstream_model,
+                    latency_us=(now_ns - stream.last_ns) // 1000,
+                )
+                self._emit(stream, pb.ServerFrame(failover=failover), now_ns)
         elif phase is Phase.DONE:
             assert isinstance(event, Finished)
             self._finish(stream, event.reason, now_ns)

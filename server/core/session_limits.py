@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class SessionLimits:
     max_streams: int = 32  # live streams per session
     max_messages: int = 1024  # messages per request
+    max_message_chars: int = 1_000_000  # characters of one message's content
     max_stream_id_chars: int = 128
     max_tokens_cap: int = 1_000_000  # a larger max_tokens is a mistake, not a request
     max_stop_sequences: int = 16

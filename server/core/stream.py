@@ -77,7 +77,7 @@ TRANSITIONS: dict[Phase, dict[type, Phase]] = {
         ModifyRequested: Phase.PENDING,
     },
     Phase.ROUTED: {**_LIVE_MOVES, Routed: Phase.ROUTED, UsageReport: Phase.ROUTED},  # Routed: failover
-    Phase.STREAMING: _LIVE_MOVES,
+    Phase.STREAMING: {**_LIVE_MOVES, Routed: Phase.STREAMING},  # Routed: continuation elsewhere
     Phase.DONE: {},
     Phase.FAILED: {},
     Phase.CANCELLED: {},

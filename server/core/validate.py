@@ -21,6 +21,8 @@ def to_messages(messages: Iterable[pb.ChatMessage], limits: SessionLimits, field
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise InvalidRequest(f"{field}[{i}].role must be one of {', '.join(sorted(ROLES))}")
+        if len(m.content) > limits.max_message_chars:
+            raise InvalidRequest(f"{field}[{i}].content is longer than {limits.max_message_chars} characters")
         out.append(
             ChatMessage(
                 role=m.role,

@@ -17,7 +17,7 @@ attempt. After the first token a retryable failure is raised (the core reports t
 usage), unless the model says `after_first_token: continue` and the answer so far is plain
 text: then the next attempt gets the partial answer as an assistant message plus a request to
 continue, its repeated start is stripped, its usage is added to the earlier attempts', and the
-client keeps reading one stream (no second `Routed`: the core allows none once content flowed).
+client keeps reading one stream; the continuing attempt's `Routed` becomes a `failover` frame.
 
 Cancelling the consumer (or closing this generator) closes the upstream request at once; the
 attempt then counts neither as a success nor as a failure for the breaker.
@@ -136,6 +136,14 @@ class Router:
             dep = self._deployments[id(backend)] = _Deployment(backend, policy)
         return dep
 
+    def breaker_state(self, deployment: str) -> str:
+        """The breaker state of a deployment by name ("" when no model routes to it)."""
+        for model in self._catalog.names():
+            for status in self.deployment_states(model):
+                if status.name == deployment:
+                    return status.breaker
+        return ""
+
     def deployment_states(self, model: str) -> list[DeploymentStatus]:
         """The routing state of each deployment of `model`; raises `UnknownModel`."""
         policy = self.route(model).breaker
@@ -233,7 +241,7 @@ class Router:
                         text = "".join(partial)
                         upstream_request = continuation_request(request, text)
                         stripper = OverlapStripper(text)
-                    routed = continuing  # the core allows no Routed once content flowed
+                    routed = False
                     got_first = False
                     usage = [0, 0, 0]
                     outcome: bool | None = None

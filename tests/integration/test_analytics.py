@@ -73,16 +73,16 @@ async def test_metrics_stats_and_the_cli(tmp_path):
 async def test_done_frame_timing_agrees_with_the_client_within_a_millisecond():
     server = start_server(*PACE)
     try:
-        results = await run_streams(server.address, 1)
-        results += await run_streams(server.address, 1)
-        results += await run_streams(server.address, 1)
+        results = []
+        for _ in range(7):
+            results += await run_streams(server.address, 1)
         diffs_ttft = sorted(abs(c_ttft - d.timing.ttft_us / 1000) for c_ttft, _, d in results)
         diffs_total = sorted(abs(c_total - d.timing.total_us / 1000) for _, c_total, d in results)
         print(f"\nclient vs server: ttft diff {diffs_ttft} ms, total diff {diffs_total} ms")
-        # Medians of three. The client's clock also holds the gRPC hops the server cannot see
+        # Medians of seven. The client's clock also holds the gRPC hops the server cannot see
         # (start frame up, first token and done frame down): under 1 ms for the first token;
         # the total allows 2 ms on a shared 2-core machine.
-        assert diffs_ttft[1] < 1.0 and diffs_total[1] < 2.0
+        assert diffs_ttft[3] < 1.0 and diffs_total[3] < 2.0
         assert all(d.timing.relay_max_us < 50_000 and d.timing.attempts == 1 for _, _, d in results)
     finally:
         server.stop()

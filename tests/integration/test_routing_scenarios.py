@@ -188,6 +188,11 @@ async def test_cut_after_40_of_60_tokens_continues_without_repeating(chain, fake
     assert done["type"] == "done"
     # the continuation repeated words 35..39; the client sees each word once
     assert text(frames) == words(45)
+    # one frame marks the switch, between the last token of the first attempt and the next
+    kinds = [f["type"] for f in frames]
+    switch = kinds.index("failover")
+    assert kinds.count("failover") == 1 and frames[switch]["deployment"] == done["deployment"]
+    assert "".join(f["token"] for f in frames[:switch]) == words(40)
     counts = counts_by_tag(fake)
     assert (counts["cutcont"], counts["contb"]) == (1, 1)
     with urllib.request.urlopen(f"http://{fake.address}/_fake/state", timeout=5) as r:

@@ -243,3 +243,17 @@ def test_failover_reroute_before_first_token_sends_no_second_started():
     frames = s.frames_to_send()
     assert kinds(frames) == ["started", "token", "done"]
     assert frames[-1].done.deployment == "backup"
+
+
+def test_continuation_after_content_sends_a_failover_frame_and_keeps_seq():
+    s = make()
+    start(s)
+    routed(s)
+    s.receive_event("a", TextDelta("half an "), 2 * MS)
+    s.receive_event("a", Routed("anthropic", "claude", "backup"), 3 * MS)
+    s.receive_event("a", TextDelta("answer"), 4 * MS)
+    s.receive_event("a", Finished(FinishReason.STOP), 5 * MS)
+    frames = s.frames_to_send()
+    assert kinds(frames) == ["started", "token", "failover", "token", "done"]
+    assert (frames[2].failover.seq, frames[2].failover.deployment) == (3, "backup")
+    assert frames[-1].done.deployment == "backup" and frames[-1].done.timing.attempts == 2
