@@ -135,8 +135,10 @@ class Session:
         self._outbox: list[pb.ServerFrame] = [
             pb.ServerFrame(session=pb.SessionInfo(session_id=session_id, resume_token=resume_token, resume_grace_ms=resume_grace_ms))
         ]
-        # stream id -> (its unsent token frame, the frame's first arrival time, the stream)
-        self._merging: dict[str, tuple[pb.TokenDelta, int, Stream]] = {}
+        # stream id -> (its unsent token frame, the frame's first arrival time, the stream, the
+        # index in the stream's text parts where the frame began). The frame's text, seq and
+        # count are filled in once, when it is drained or the merge ends (`_fill`), not per token.
+        self._merging: dict[str, tuple[pb.TokenDelta, int, Stream, int]] = {}
         self._actions: list[Action] = []
         self._next_auto_id = 1
         self.tokens_relayed = 0  # content events of every stream, for throughput figures
@@ -169,6 +171,8 @@ class Session:
         """A new connection takes over: `resumed`, then the frames each listed stream missed."""
         self.attached = True
         self.detached_ns = 0
+        for merge in self._merging.values():
+            _fill(merge)
         self._merging.clear()
         self._outbox = [pb.ServerFrame()]  # the `resumed` frame, filled in below
         resumed = self._outbox[0].resumed
@@ -256,7 +260,7 @@ class Session:
         if cls is UsageReport:
             stream.add_usage(event)  # type: ignore[arg-type]
             return True
-        self._merging.pop(stream_id, None)
+        self._settle(stream_id)
         if cls is ReasoningDelta or cls is ToolCallDelta:
             self.tokens_relayed += 1
         if cls is ReasoningDelta:
@@ -327,9 +331,10 @@ class Session:
         """Takes everything queued for the client, in order; merging restarts afterwards.
         With `now_ns`, each drained token frame's time in the server is recorded."""
         frames, self._outbox = self._outbox, []
-        if now_ns:
-            for _, since, stream in self._merging.values():
-                stream.relay_ns.append(now_ns - since)
+        for merge in self._merging.values():
+            _fill(merge)
+            if now_ns:
+                merge[2].relay_ns.append(now_ns - merge[1])
         self._merging.clear()
         return frames
 
@@ -344,6 +349,12 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _settle(self, stream_id: str) -> None:
+        """Ends the stream's merge, if any: its frame gets its final text, seq and count."""
+        merge = self._merging.pop(stream_id, None)
+        if merge is not None:
+            _fill(merge)
+
     def _emit(self, stream: Stream, frame: pb.ServerFrame, now_ns: int) -> None:
         """Queues a frame that carries a sequence number: replay buffer, and the outbox when a
         connection is attached."""
@@ -357,12 +368,7 @@ class Session:
         latency_us = stream.mark_content(now_ns)
         stream.seq += 1
         stream.text_parts.append(text)
-        merging = self._merging.get(stream.id)
-        if merging is not None:
-            token = merging[0]
-            token.text += text
-            token.seq = stream.seq
-            token.count = (token.count or 1) + 1
+        if stream.id in self._merging:  # the writer is busy: this token joins the unsent frame
             stream.last_sent_ns = now_ns
             return
         frame = pb.ServerFrame()
@@ -372,7 +378,7 @@ class Session:
         token.text = text
         token.latency_us = latency_us
         self._emit(stream, frame, now_ns)
-        self._merging[stream.id] = (token, now_ns, stream)
+        self._merging[stream.id] = (token, now_ns, stream, len(stream.text_parts) - 1)
 
     def _start(self, start: pb.StartStream, now_ns: int) -> None:
         stream_id = start.stream_id
@@ -447,8 +453,8 @@ class Session:
         stream.move(MODIFY)
         latency_us = (now_ns - stream.last_ns) // 1000
         request = replace(stream.request, messages=tuple(base))
+        self._settle(sid)
         stream.restart(request, now_ns)
-        self._merging.pop(sid, None)
         self._actions.append(CancelUpstream(sid))
         self._actions.append(StartUpstream(sid, request))
         stream.seq += 1
@@ -458,7 +464,7 @@ class Session:
     def _end(self, stream: Stream) -> None:
         """Moves a stream from live to ended, and records its turn in its conversation."""
         del self._streams[stream.id]
-        self._merging.pop(stream.id, None)
+        self._settle(stream.id)
         self._ended[stream.id] = stream
         while len(self._ended) > self._limits.max_ended_streams:
             self._ended.popitem(last=False)
@@ -562,6 +568,16 @@ class Session:
             attempts=t.attempts,
             ux_score=score,
         )
+
+
+def _fill(merge: tuple[pb.TokenDelta, int, Stream, int]) -> None:
+    """Writes a merged token frame's text, last seq and count (a lone token is already set)."""
+    token, _, stream, start = merge
+    count = len(stream.text_parts) - start
+    if count > 1:
+        token.text = "".join(stream.text_parts[start:])
+        token.seq = stream.seq
+        token.count = count
 
 
 def _trim(history: Iterable[ChatMessage], limit: int) -> list[ChatMessage]:

@@ -50,7 +50,7 @@ class Permit(enum.Enum):
 
 
 class Breaker:
-    __slots__ = ("policy", "state", "consecutive", "opened_at", "probes", "_window", "opened", "closed")
+    __slots__ = ("policy", "state", "consecutive", "opened_at", "probes", "_window", "_failed", "opened", "closed")
 
     def __init__(self, policy: BreakerPolicy) -> None:
         self.policy = policy
@@ -59,6 +59,7 @@ class Breaker:
         self.opened_at = 0.0
         self.probes = 0  # probes in flight
         self._window: deque[tuple[float, bool]] = deque()
+        self._failed = 0  # failures in the window
         self.opened = 0  # how many times it opened / closed (metrics, tests)
         self.closed = 0
 
@@ -75,6 +76,7 @@ class Breaker:
             self.closed += 1
             self.consecutive = 0
             self._window.clear()
+            self._failed = 0
 
     def current(self, now_s: float) -> BreakerState:
         """The state at `now_s` (an elapsed cooldown makes OPEN half-open)."""
@@ -115,11 +117,10 @@ class Breaker:
         self.consecutive = 0 if ok else self.consecutive + 1
         window = self._window
         window.append((now_s, ok))
+        self._failed += not ok  # a running count: no scan of the window per request
         while window and window[0][0] < now_s - self.policy.window_s:
-            window.popleft()
+            self._failed -= not window.popleft()[1]
         if self.consecutive >= self.policy.failures:
             self._move(Move.TRIP, now_s)
-        elif len(window) >= self.policy.min_requests:
-            failed = sum(1 for _, good in window if not good)
-            if failed / len(window) >= self.policy.error_rate:
-                self._move(Move.TRIP, now_s)
+        elif len(window) >= self.policy.min_requests and self._failed / len(window) >= self.policy.error_rate:
+            self._move(Move.TRIP, now_s)
