@@ -84,6 +84,8 @@ typecheck: install-test
 ## bench: the chain against a direct read, side by side; table on stdout, JSON in bench/results/.
 bench: install-test
 	$(PY) -m bench.run --out bench/results
+	@echo "== the same chain without analytics (metrics, request log, live stats): their cost =="
+	$(PY) -m bench.run --only A50,iv,iii_200 --server-arg=--no-analytics --out bench/results/no-analytics
 
 clean:
 	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

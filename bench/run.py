@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-s", type=float, default=8.0)
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too (pauses the processes)")
     parser.add_argument("--profile-tokens", type=int, default=None, help="tokens per stream while profiling (default: A50's)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable), e.g. --server-arg=--no-analytics")
     parser.add_argument("--no-pin", action="store_true", help="let every process use every CPU (default: proxy on one, harness on the rest)")
     return parser.parse_args(argv)
 
@@ -77,7 +78,9 @@ async def probe(channel: grpc.aio.Channel) -> str:
     return f"{NO_ADAPTER}: probe stream failed ({record.error or f'{record.tokens} tokens'})"
 
 
-def start_chain(stack: ExitStack, fake: Proc, workloads: tuple[StreamWorkload, ...], pinning: Pinning | None) -> tuple[Proxy, str]:
+def start_chain(
+    stack: ExitStack, fake: Proc, workloads: tuple[StreamWorkload, ...], pinning: Pinning | None, server_args: tuple[str, ...] = ()
+) -> tuple[Proxy, str]:
     """The server (with the fake's config when the adapter exists) and the bridge."""
     missing = adapter_missing()
     if not missing:
@@ -85,10 +88,10 @@ def start_chain(stack: ExitStack, fake: Proc, workloads: tuple[StreamWorkload, .
         models[PROBE_MODEL] = Knobs(tokens=3)
         cfg = stack.enter_context(config_file(proxy_config(fake.port, models)))
         try:
-            return stack.enter_context(running_proxy(pinning, ("--config", str(cfg)))), ""
+            return stack.enter_context(running_proxy(pinning, ("--config", str(cfg), *server_args))), ""
         except RuntimeError as exc:  # the server refused the config: say why, go on without
             missing = f"{NO_ADAPTER}: server did not start with the config: {str(exc).splitlines()[-1][:200]}"
-    return stack.enter_context(running_proxy(pinning)), missing
+    return stack.enter_context(running_proxy(pinning, server_args)), missing
 
 
 def paths_for(workload: StreamWorkload, fake: Proc, proxy: Proxy, channel: grpc.aio.Channel, missing: str) -> tuple[list[ClientPath], str]:
@@ -131,7 +134,7 @@ async def run_all(args: argparse.Namespace, chosen: Plan, pinning: Pinning | Non
         with ExitStack() as stack:
             fake = start_fake()
             stack.callback(fake.stop)
-            proxy, missing = start_chain(stack, fake, chosen.streams, pinning)
+            proxy, missing = start_chain(stack, fake, chosen.streams, pinning, tuple(args.server_arg))
             rig = Rig(proxy.server.popen.pid, proxy.bridge.popen.pid, fake.popen.pid)
             channel = grpc.aio.insecure_channel(proxy.grpc_target)
             try:

@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
     parser.add_argument("--max-frame-bytes", type=int, default=1 << 20)
     parser.add_argument("--ping-interval-s", type=float, default=20.0)
     parser.add_argument("--ping-timeout-s", type=float, default=20.0)
+    parser.add_argument("--send-buffer-bytes", type=int, default=64 * 1024, help="kernel send buffer per WebSocket; 0: the OS default")
     parser.add_argument("--allowed-origin", action="append", default=[], help="exact Origin to accept (repeatable)")
     parser.add_argument("--open-timeout-s", type=float, default=10.0, help="the opening handshake must complete within this")
     parser.add_argument("--max-messages", type=int, default=1024, help="messages per start/modify frame")
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
         max_frame_bytes=args.max_frame_bytes,
         ping_interval_s=args.ping_interval_s,
         ping_timeout_s=args.ping_timeout_s,
+        send_buffer_bytes=args.send_buffer_bytes,
         allowed_origins=tuple(args.allowed_origin),
         static_dirs=static,
         open_timeout_s=args.open_timeout_s,

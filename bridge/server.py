@@ -25,6 +25,7 @@ import asyncio
 import http
 import logging
 import mimetypes
+import socket
 import re
 import ssl
 import time
@@ -68,6 +69,10 @@ class BridgeConfig:
     max_frame_bytes: int = 1 << 20  # larger frames get frame_too_large; 4x this closes (1009)
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
+    # Kernel send buffer per WebSocket. Linux autotunes it up to megabytes, which a client that
+    # stops reading would fill before any send blocks; a fixed cap bounds memory and starts
+    # backpressure (merged frames upstream, then the watchdog) within a second.
+    send_buffer_bytes: int = 64 * 1024
     allowed_origins: tuple[str, ...] = ()  # exact matches; the bridge's own origin is always allowed
     static_dirs: dict[str, Path] = field(default_factory=dict)  # URL prefix -> directory
     open_timeout_s: float = 10.0  # the opening handshake must complete within this
@@ -242,6 +247,9 @@ class Bridge:
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None and self._config.send_buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._config.send_buffer_bytes)
         try:
             key = handshake_credential(ws.request.headers)
         except BadCredential as exc:

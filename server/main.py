@@ -49,6 +49,7 @@ class Options:
     insecure_no_auth: bool = False  # serve beyond loopback without keys (loud warning)
     tls_cert: str = ""  # PEM certificate chain; with tls_key: gRPC over TLS
     tls_key: str = ""
+    analytics: bool = True  # metrics, request log, live stats
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--metrics-listen", default="", help="host:port for Prometheus /metrics (e.g. 127.0.0.1:9464)")
     parser.add_argument("--request-log", default="llmproxy-requests.sqlite3", help="SQLite request log; '' turns it off")
     parser.add_argument("--request-log-retention-days", type=float, default=7.0)
+    parser.add_argument("--no-analytics", action="store_true", help="no metrics, request log or live stats (to measure their cost)")
     parser.add_argument("--auth-db", default="", help="SQLite API key store (python -m server.auth.cli); empty: no auth")
     parser.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --listen without --auth-db")
     parser.add_argument("--tls-cert", default="", help="PEM certificate chain for gRPC over TLS")
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None) -> Options:
         slow_client_timeout_s=args.slow_client_timeout_s,
         janitor_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
     )
+    if args.no_analytics:
+        args.metrics_listen, args.request_log = "", ""
     return Options(
         config,
         service,
@@ -104,6 +108,7 @@ def parse_args(argv: list[str] | None) -> Options:
         insecure_no_auth=args.insecure_no_auth,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        analytics=not args.no_analytics,
     )
 
 
@@ -152,7 +157,7 @@ async def serve(options: Options) -> None:
     )
     metrics = Metrics()
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
-    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state))
+    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state), enabled=options.analytics)
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)

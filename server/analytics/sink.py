@@ -18,7 +18,8 @@ log = logging.getLogger("llmproxy.analytics")
 
 
 class Analytics:
-    def __init__(self, metrics: Metrics, request_log: RequestLog | None, live: LiveWindow) -> None:
+    def __init__(self, metrics: Metrics, request_log: RequestLog | None, live: LiveWindow, enabled: bool = True) -> None:
+        self.enabled = enabled  # off: records are drained and dropped (make bench measures the cost)
         self.metrics = metrics
         self.request_log = request_log
         self.live = live
@@ -28,7 +29,7 @@ class Analytics:
 
     def add(self, records: Iterable[StreamRecord], now_ns: int) -> None:
         batch = list(records)
-        if not batch:
+        if not batch or not self.enabled:
             return
         for record in batch:
             self.metrics.observe(record)
@@ -37,6 +38,8 @@ class Analytics:
             self._pending.extend(batch)
 
     def tick(self, now_ns: int, active_streams: int, sessions: int, tokens_total: int) -> None:
+        if not self.enabled:
+            return
         self.active_streams, self.sessions = active_streams, sessions
         self.metrics.active.set(active_streams)
         self.metrics.sessions.set(sessions)
