@@ -9,6 +9,7 @@ iterator of token texts, with `cancel()` and `result()` (the `done` frame, or `L
 """
 
 from llmproxy_client.grpc_client import LLMProxyClient, LLMProxyError, StreamHandle
-from llmproxy_client.ws_client import Backoff, WSClient, WSStream
+from llmproxy_client.backoff import Backoff
+from llmproxy_client.ws_client import WSClient, WSStream
 
 __all__ = ["Backoff", "LLMProxyClient", "LLMProxyError", "StreamHandle", "WSClient", "WSStream"]

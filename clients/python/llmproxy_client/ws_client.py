@@ -24,20 +24,10 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from llmproxy_client.backoff import Backoff
 from llmproxy_client.grpc_client import LLMProxyError
 
 _END = object()
-
-
-class Backoff:
-    """Delays for reconnect attempts: base x factor^n, +/- jitter, capped."""
-
-    def __init__(self, base_s: float = 1.0, factor: float = 1.6, jitter: float = 0.2, cap_s: float = 15.0) -> None:
-        self.base_s, self.factor, self.jitter, self.cap_s = base_s, factor, jitter, cap_s
-
-    def delay_s(self, attempt: int, rng: random.Random) -> float:
-        raw = min(self.cap_s, self.base_s * self.factor**attempt)
-        return raw * (1 + rng.uniform(-self.jitter, self.jitter))
 
 
 class WSStream:
