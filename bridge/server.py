@@ -295,7 +295,9 @@ class Bridge:
                 )
                 await ws.send(orjson.dumps({"type": "stats", **data}), text=True)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                await ws.close(1008, "unauthenticated")
+            elif exc.code() != grpc.StatusCode.CANCELLED:
                 await ws.close(1013, "statistics unavailable")
         except ConnectionClosed:
             pass

@@ -350,6 +350,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         return session.summary(time.monotonic_ns())
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        await self._authenticate(context)  # with keys configured, any valid key may read aggregates
         log_ = self._analytics.request_log
         group_by = request.group_by or "model"
         if group_by not in GROUPS:
@@ -361,6 +362,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         return pb.StatsResponse(rows=[pb.StatsRow(**row) for row in rows])  # type: ignore[arg-type]
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._authenticate(context)
         interval_s = max(200, request.interval_ms or 1000) / 1000
         while True:
             await context.write(self._analytics.snapshot())

@@ -95,11 +95,30 @@ function render(s) {
   ]);
 }
 
+// With client keys configured, the feed needs one: it is sent as the bearer subprotocol (never in
+// the URL) and kept only in this tab's sessionStorage.
+const KEY = "llmproxy.dashboard.key";
+$("keyform").onsubmit = (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("key").value.trim());
+  $("keyform").hidden = true;
+  connect();
+};
+
 function connect(attempt = 0) {
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/stats`);
+  const key = sessionStorage.getItem(KEY);
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/stats`;
+  const ws = key ? new WebSocket(url, ["llmproxy", `llmproxy.bearer.${key}`]) : new WebSocket(url);
   ws.onopen = () => { attempt = 0; $("conn").textContent = "live"; $("conn").className = "badge live"; };
   ws.onmessage = (event) => render(JSON.parse(event.data));
-  ws.onclose = () => {
+  ws.onclose = (event) => {
+    if (event.code === 1008) {  // unauthenticated: ask for a key instead of retrying
+      sessionStorage.removeItem(KEY);
+      $("conn").textContent = "key needed";
+      $("conn").className = "badge warn";
+      $("keyform").hidden = false;
+      return;
+    }
     $("conn").textContent = "reconnecting";
     $("conn").className = "badge warn";
     setTimeout(() => connect(attempt + 1), Math.min(10000, 500 * 1.6 ** attempt));

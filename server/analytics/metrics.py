@@ -6,10 +6,13 @@
 - llmproxy_streams_total                      counter by status
 - llmproxy_stream_stalls_total, llmproxy_relay_seconds (the proxy's own share per frame, p50)
 - llmproxy_active_streams, llmproxy_sessions  gauges
+- llmproxy_client_streams_total, llmproxy_client_tokens_total  per client (API key id)
 
 Labels are bounded: model and deployment come from the configuration (a stream with a model
 that is not configured is rejected before it exists), provider from the registry, status from
-the finish-reason and error-code enums. Each server has its own registry (no module globals).
+the finish-reason and error-code enums, client from the key store (key ids, "anonymous" without
+keys) and only on the two per-client counters, so it does not multiply the histograms. Each
+server has its own registry (no module globals).
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ class Metrics:
             "llmproxy_streams", "Streams ended, by status", (*labels, "status"), registry=self.registry
         )
         self.stalls = Counter("llmproxy_stream_stalls", "Gaps between tokens over the stall threshold", labels, registry=self.registry)
+        self.client_streams = Counter(
+            "llmproxy_client_streams", "Streams ended, per client key id and status", ("client", "status"), registry=self.registry
+        )
+        self.client_tokens = Counter(
+            "llmproxy_client_tokens", "Tokens used, per client key id", ("client", "gen_ai_token_type"), registry=self.registry
+        )
         self.active = Gauge("llmproxy_active_streams", "Streams generating now", registry=self.registry)
         self.sessions = Gauge("llmproxy_sessions", "Sessions held", registry=self.registry)
 
@@ -83,6 +92,12 @@ class Metrics:
         if t.stalls:
             self.stalls.labels(*labels).inc(t.stalls)
         self.streams.labels(*labels, r.status).inc()
+        client = r.client or "anonymous"
+        self.client_streams.labels(client, r.status).inc()
+        if r.prompt_tokens:
+            self.client_tokens.labels(client, "input").inc(r.prompt_tokens)
+        if r.completion_tokens:
+            self.client_tokens.labels(client, "output").inc(r.completion_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

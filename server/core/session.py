@@ -78,6 +78,7 @@ class StreamRecord:
 
     session_id: str
     stream_id: str
+    client: str  # the API key id the session belongs to ("" without keys): never the key itself
     model: str
     provider: str
     deployment: str
@@ -541,6 +542,7 @@ class Session:
             StreamRecord(
                 session_id=self.id,
                 stream_id=stream.id,
+                client=self.owner,
                 model=stream.request.model,
                 provider=stream.provider,
                 deployment=stream.deployment,

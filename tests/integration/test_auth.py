@@ -235,3 +235,21 @@ def test_insecure_no_auth_starts_with_a_loud_warning():
         assert any("INSECURE" in line and "NO AUTHENTICATION" in line for line in proc.lines)
     finally:
         proc.stop()
+
+
+async def test_live_stats_and_aggregates_need_a_key_when_keys_are_configured(authed, keys):
+    stats_url = authed.ws_url.replace("/stream", "/stats")
+    async with connect(stats_url) as ws:  # no key: closed as a policy violation
+        with pytest.raises(ConnectionClosed):
+            await recv(ws)
+        assert ws.close_code == 1008
+    async with connect(stats_url, subprotocols=["llmproxy", f"llmproxy.bearer.{keys['a']}"]) as ws:
+        assert (await recv(ws))["type"] == "stats"
+    async with grpc.aio.insecure_channel(authed.grpc_target) as channel:
+        stub = pb_grpc.LLMProxyStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Stats(pb.StatsRequest())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as off:  # authenticated; this server keeps no log
+            await stub.Stats(pb.StatsRequest(), metadata=bearer(keys["a"]))
+        assert off.value.code() == grpc.StatusCode.FAILED_PRECONDITION

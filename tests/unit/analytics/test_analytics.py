@@ -19,7 +19,7 @@ def timing(ttft_ms=200, tokens=50, stalls=0, total_ms=1200, itl_p95_ms=20):
 
 def record(sid="a", model="demo", deployment="demo", status="stop", failed=False, **t):
     tm = timing(**t)
-    return StreamRecord("sess", sid, model, "demo", deployment, status, failed, tm, ux_score(tm, failed, 1_000_000), 7, tm.tokens, 0)
+    return StreamRecord("sess", sid, "key1", model, "demo", deployment, status, failed, tm, ux_score(tm, failed, 1_000_000), 7, tm.tokens, 0)
 
 
 def test_ux_score_is_satisfied_tolerating_or_frustrated():
@@ -40,6 +40,8 @@ def test_metrics_use_gen_ai_names_and_count_streams_by_status():
     assert "gen_ai_server_time_per_output_token_seconds_bucket" in text
     assert 'gen_ai_client_token_usage_bucket{gen_ai_provider_name="demo",gen_ai_request_model="demo",gen_ai_token_type="output"' in text
     assert 'llmproxy_streams_total{deployment="demo",gen_ai_provider_name="demo",gen_ai_request_model="demo",status="rate_limited"} 1.0' in text
+    assert 'llmproxy_client_streams_total{client="key1",status="stop"} 1.0' in text
+    assert 'llmproxy_client_tokens_total{client="key1",gen_ai_token_type="output"} 100.0' in text
 
 
 def test_request_log_aggregates_per_group_and_keeps_no_text(tmp_path):
@@ -48,6 +50,7 @@ def test_request_log_aggregates_per_group_and_keeps_no_text(tmp_path):
     rows = {r["name"]: r for r in log.stats(3600, "model", now_ms=1_000_500)}
     assert rows["demo"]["streams"] == 2 and rows["demo"]["ttft_p50_ms"] == 100.0 and rows["demo"]["ttft_p95_ms"] == 300.0
     assert rows["other"]["cancelled"] == 1
+    assert [r["name"] for r in log.stats(3600, "client", now_ms=1_000_500)] == ["key1"]
     log.write([], now_ms=1_000_000 + 120_000)  # retention prunes rows older than 60 s
     assert log.stats(3600, "model", now_ms=1_200_000) == []
     log.close()
