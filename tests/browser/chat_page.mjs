@@ -7,14 +7,10 @@
 // playwright-core comes from clients/js/node_modules (`make install-test`); the browser
 // is Debian's /usr/bin/chromium (CHROMIUM overrides), never a downloaded one.
 
-import { mkdtempSync, rmSync } from "node:fs";
-import { createRequire } from "node:module";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { rmSync } from "node:fs";
 
-const root = fileURLToPath(new URL("../..", import.meta.url));
-const { chromium } = createRequire(join(root, "clients/js/package.json"))("playwright-core");
+import { launchChromium } from "./chromium.mjs";
+
 
 const [httpUrl, screenshot, quietArg] = process.argv.slice(2);
 const quietMs = Number(quietArg ?? 600);
@@ -27,17 +23,7 @@ const watchdog = setTimeout(() => {
   process.exit(3);
 }, 60_000);
 
-const userDataDir = mkdtempSync(join(tmpdir(), "llmproxy-chromium-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-  ],
-  viewport: { width: 900, height: 700 },
-  timeout: 30_000,
-});
+const { context, userDataDir } = await launchChromium({ width: 900, height: 700 });
 
 const result = { pageErrors: [], consoleErrors: [] };
 try {

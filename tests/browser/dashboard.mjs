@@ -4,26 +4,14 @@
 //
 //   node tests/browser/dashboard.mjs HTTP_URL SCREENSHOT_PATH
 
-import { mkdtempSync, rmSync } from "node:fs";
-import { createRequire } from "node:module";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { rmSync } from "node:fs";
 
-const root = fileURLToPath(new URL("../..", import.meta.url));
-const { chromium } = createRequire(join(root, "clients/js/package.json"))("playwright-core");
+import { launchChromium } from "./chromium.mjs";
+
 const [httpUrl, screenshot] = process.argv.slice(2);
 const watchdog = setTimeout(() => { console.error("dashboard.mjs: watchdog fired"); process.exit(3); }, 45_000);
 
-const userDataDir = mkdtempSync(join(tmpdir(), "llmproxy-chromium-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
-  viewport: { width: 1280, height: 860 },
-  timeout: 30_000,
-});
+const { context, userDataDir } = await launchChromium({ width: 1280, height: 860 });
 try {
   const page = await context.newPage();
   await page.goto(`${httpUrl}/dashboard.html`);

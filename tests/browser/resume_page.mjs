@@ -7,14 +7,10 @@
 //
 //   node tests/browser/resume_page.mjs HTTP_URL SPEC_JSON PANE_PROMPTS_JSON SCREENSHOT_PATH
 
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { createRequire } from "node:module";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { readFileSync, rmSync } from "node:fs";
 
-const root = fileURLToPath(new URL("../..", import.meta.url));
-const { chromium } = createRequire(join(root, "clients/js/package.json"))("playwright-core");
+import { launchChromium } from "./chromium.mjs";
+
 
 const [httpUrl, specJson, panesJson, screenshot] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
@@ -27,17 +23,7 @@ const watchdog = setTimeout(() => {
   process.exit(3);
 }, 80_000);
 
-const userDataDir = mkdtempSync(join(tmpdir(), "llmproxy-chromium-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-  ],
-  viewport: { width: 1000, height: 900 },
-  timeout: 30_000,
-});
+const { context, userDataDir } = await launchChromium({ width: 1000, height: 900 });
 
 const result = { pageErrors: [], framesSent: [] };
 const tokens = (page, selector) => page.evaluate((s) => document.querySelectorAll(s).length, selector);
