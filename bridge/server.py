@@ -173,6 +173,9 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Respon
             ("Content-Length", str(len(body))),
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "no-store"),
+            # websockets closes the TCP connection after a plain-HTTP response; say so, or a
+            # client may send its next request on a connection that is already closing.
+            ("Connection", "close"),
         ]
     )
     return Response(status.value, status.phrase, headers, body)

@@ -25,7 +25,8 @@ def test_keys_are_stored_hashed_and_verify(store, tmp_path):
     assert key.startswith(f"llmp_{record.key_id}_")
     got = store.verify(key)
     assert got is not None and got.key_id == record.key_id and got.limits.rpm == 5 and got.limits.models == {"demo"}
-    secret = key.rsplit("_", 1)[1]
+    secret = key[len(f"llmp_{record.key_id}_") :]  # base64url: the secret itself may contain "_"
+    assert len(secret) == 43
     raw = sqlite3.connect(str(tmp_path / "keys.sqlite3")).execute("SELECT * FROM api_keys").fetchall()
     assert secret not in repr(raw) and key not in repr(raw)
     assert store.verify(key[:-1] + ("A" if key[-1] != "A" else "B")) is None  # wrong secret
