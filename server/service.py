@@ -189,6 +189,29 @@ class Connection:
                 return
 
 
+# How long a refused `Stream` call waits for the client's opening frame before its status goes out.
+REFUSAL_READ_S = 1.0
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    await context.abort(code, message)
+
+
+async def _refuse_stream(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """Ends a `Stream` call with `code` once the client's opening frame has arrived.
+
+    A grpc.aio client whose `write` is still in flight when the status arrives reports
+    INTERNAL ("Failed execute_batch") instead of the server's code (grpc/grpc#36066): one
+    refused call in five did so here. Taking the first frame first (bounded, so a silent
+    client cannot hold the call) lets that write complete and the client see `code`.
+    """
+    try:
+        await asyncio.wait_for(context.read(), REFUSAL_READ_S)
+    except (asyncio.TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+        pass
+    await context.abort(code, message)
+
+
 class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -281,14 +304,14 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
 
     # -- authentication --------------------------------------------------------------------------
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal | None:
+    async def _authenticate(self, context: grpc.aio.ServicerContext, streaming: bool = False) -> Principal | None:
         """The caller's key (None when auth is off); aborts the call UNAUTHENTICATED."""
         if self._auth is None:
             return None
         try:
             return self._auth.authenticate(context.invocation_metadata() or ())
         except ProxyError as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            await (_refuse_stream if streaming else _refuse)(context, grpc.StatusCode.UNAUTHENTICATED, exc.message)
             raise  # not reached: abort raises
 
     def _admission(self, principal: Principal) -> Callable[[pb.StartStream], ProxyError | None]:
@@ -310,13 +333,13 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     # -- RPCs ------------------------------------------------------------------------------------
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        principal = await self._authenticate(context)
+        principal = await self._authenticate(context, streaming=True)
         if principal is not None:
             assert self._auth is not None
             try:
                 self._auth.open_connection(principal)
             except ProxyError as exc:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+                await _refuse_stream(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             try:
                 await self._stream(principal, context)
             finally:
@@ -328,7 +351,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         try:
             session = self._registry.create(time.monotonic_ns(), principal.key_id if principal else "")
         except ProxyError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+            await _refuse_stream(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
         runtime = SessionRuntime(session, self._router)
         if principal is not None:
