@@ -119,7 +119,7 @@ def start_fake() -> Proc:
 def proxy_config(fake_port: int, models: dict[str, Knobs]) -> str:
     """A deployment config (config.example.yaml's format) serving each public model from the
     fake upstream as an OpenAI-compatible provider, with the knobs in the upstream model name."""
-    lines = ["http:", "  transport: aiohttp", "well_known: false", "models:"]
+    lines = ["well_known: false", "models:"]  # the default transport (native)
     for public, knobs in models.items():
         lines += [
             f"  {public}:",

@@ -20,6 +20,7 @@ import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -28,7 +29,7 @@ from server.core.session import SessionLimits
 from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import Backend, DeploymentInfo
 from server.providers.demo import DemoBackend, DemoPace, load_corpus
-from server.providers.http import ClientPool, HttpSettings
+from server.providers.http import ClientPool, HttpSettings, TransportName
 from server.providers.registry import BuildContext, Provider, providers
 from server.routing.policy import (
     AfterFirstToken,
@@ -381,14 +382,21 @@ class _Parser:
         )
 
     def http(self, node: yaml.Node) -> HttpSettings:
-        fields = self.mapping(node, "http", frozenset({"transport", "http2"}))
-        transport = self.string(fields["transport"]) if "transport" in fields else "aiohttp"
-        if transport not in ("aiohttp", "httpx"):
-            raise self.error(fields["transport"], "transport must be aiohttp or httpx")
+        fields = self.mapping(node, "http", frozenset({"transport", "http2", "ca_file"}))
+        transport = self.string(fields["transport"]) if "transport" in fields else "native"
+        if transport not in ("native", "aiohttp", "httpx"):
+            raise self.error(fields["transport"], "transport must be native, aiohttp or httpx")
         http2 = self.boolean(fields["http2"]) if "http2" in fields else False
         if http2 and transport != "httpx":
             raise self.error(fields["http2"], "http2 needs transport: httpx")
-        return HttpSettings(transport="aiohttp" if transport == "aiohttp" else "httpx", http2=http2)
+        ca_file = self.string(fields["ca_file"]) if "ca_file" in fields else None
+        if ca_file is not None:
+            if transport != "native":
+                raise self.error(fields["ca_file"], "ca_file needs transport: native")
+            if not Path(ca_file).is_file():
+                raise self.error(fields["ca_file"], f"no such CA file: {ca_file}")
+        name: TransportName = "native" if transport == "native" else "aiohttp" if transport == "aiohttp" else "httpx"
+        return HttpSettings(transport=name, http2=http2, ca_file=ca_file)
 
     def key(self, node: yaml.Node) -> Secret:
         """A key reference: `env:NAME` or `file:/path` (never the key itself in the file)."""

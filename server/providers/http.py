@@ -23,20 +23,24 @@ body cannot go back to the pool, so the connection is closed and the provider se
 disconnect at once, which is how it stops generating (and billing). After a normal finish the
 rest of the body (the chunked terminator) is drained first so the connection is reused.
 
-Transport. httpx's API over aiohttp's transport (`httpx-aiohttp`) by default: reading SSE that
-way measured about a third of the CPU per token of httpx's own HTTP/1.1 stack (see
-tests/fakes/bench_driver.py and docs/configuration.md). `transport: httpx` selects httpx's own
-transport (with HTTP/2 when `http2: true` and the `h2` package is installed).
+Transport. Adapters build an `httpx.Request`; `Upstream.open` sends it. The default, `native`,
+is our own HTTP/1.1 client (h1.py's sans-I/O parser under h1pool.py's connection pool): it
+costs less than half the CPU of aiohttp per request opened and the same per token (see
+tests/fakes/bench_driver.py and docs/configuration.md). `transport: aiohttp` uses httpx's API
+over aiohttp (`httpx-aiohttp`); `transport: httpx` uses httpx's own transport, with HTTP/2 when
+`http2: true` and the `h2` package is installed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import ssl
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
+import certifi
 import httpx
 
 from server.core.events import Finished, ProviderEvent, ReasoningDelta, TextDelta, ToolCallDelta
@@ -44,6 +48,7 @@ from server.core.request import ChatRequest
 from server.errors import StreamCut, UpstreamError, UpstreamServerError, UpstreamTimeout
 from server.providers.adapter import Adapter, Endpoint
 from server.providers.base import DeploymentInfo
+from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
 from server.providers.sse import SSEDecoder
 
 log = logging.getLogger("llmproxy.providers")
@@ -55,42 +60,165 @@ DRAIN_S = 0.5
 
 _TOKENS = (TextDelta, ReasoningDelta, ToolCallDelta)
 
-TransportName = Literal["aiohttp", "httpx"]
+TransportName = Literal["native", "aiohttp", "httpx"]
 
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """How the pool talks HTTP. `transport`: "aiohttp" (httpx-aiohttp, fastest here) or
-    "httpx" (httpx's own stack; `http2` needs the `h2` package)."""
+    """How the pool talks HTTP. `transport`: "native" (our HTTP/1.1 client, h1pool.py, fastest
+    here), "aiohttp" (httpx's API over aiohttp) or "httpx" (httpx's own stack; `http2` needs the
+    `h2` package). `ca_file`: a CA bundle to trust instead of the system's (native only)."""
 
-    transport: TransportName = "aiohttp"
+    transport: TransportName = "native"
     http2: bool = False
     max_connections: int = 1000
     keepalive_expiry_s: float = 30.0
+    ca_file: str | None = None
+
+
+class Exchange(Protocol):
+    """One upstream response being read, whatever the transport."""
+
+    @property
+    def status(self) -> int: ...
+
+    def headers(self) -> Mapping[str, str]: ...
+
+    async def read(self) -> bytes:
+        """The next body bytes, b"" at the end. Raises `BodyLost`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Ends the exchange; before the end of the body the connection is closed."""
+        ...
+
+
+class Upstream(Protocol):
+    """Sends requests to one origin."""
+
+    async def open(self, request: httpx.Request, timeout: httpx.Timeout) -> Exchange:
+        """Sends `request`; returns once the response head is in. Raises `Unreachable`."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _NativeExchange:
+    __slots__ = ("_exchange", "read")
+
+    def __init__(self, exchange: H1Exchange) -> None:
+        self._exchange = exchange
+        self.read = exchange.read
+
+    @property
+    def status(self) -> int:
+        return self._exchange.status
+
+    def headers(self) -> Mapping[str, str]:
+        return httpx.Headers(list(self._exchange.head.headers))
+
+    async def aclose(self) -> None:
+        self._exchange.aclose()
+
+
+class _NativeUpstream:
+    def __init__(self, pool: OriginPool) -> None:
+        self._pool = pool
+
+    async def open(self, request: httpx.Request, timeout: httpx.Timeout) -> Exchange:
+        headers = request.headers.raw
+        if b"accept-encoding" not in (name.lower() for name, _ in headers):
+            headers = [*headers, (b"Accept-Encoding", b"identity")]  # SSE is not worth compressing
+        exchange = await self._pool.open(
+            request.method.encode("ascii"),
+            request.url.raw_path,
+            headers,
+            request.content,
+            connect_s=timeout.connect or 30.0,
+            pool_s=timeout.pool or 30.0,
+        )
+        return _NativeExchange(exchange)
+
+    async def aclose(self) -> None:
+        self._pool.aclose()
+
+
+class _HttpxExchange:
+    __slots__ = ("_response", "_chunks")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._chunks = response.aiter_raw().__aiter__()
+
+    @property
+    def status(self) -> int:
+        return self._response.status_code
+
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+        except httpx.TransportError as exc:
+            raise BodyLost(type(exc).__name__) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _HttpxUpstream:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    async def open(self, request: httpx.Request, timeout: httpx.Timeout) -> Exchange:
+        request.extensions["timeout"] = timeout.as_dict()
+        try:
+            return _HttpxExchange(await self._client.send(request, stream=True))
+        except httpx.TransportError as exc:
+            cause = exc.__cause__
+            # httpx-aiohttp maps several aiohttp connection errors to ConnectTimeout; only a
+            # real timeout (or httpx's own) is reported as one.
+            timed_out = isinstance(exc, httpx.TimeoutException) and (isinstance(cause, TimeoutError) or not isinstance(cause, OSError))
+            raise Unreachable(type(exc).__name__, timed_out=timed_out) from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class ClientPool:
-    """One keep-alive `httpx.AsyncClient` per upstream origin, shared by its deployments.
-    Built at start-up (no module globals); `aclose()` at shutdown closes every client once."""
+    """One keep-alive upstream per origin, shared by its deployments. Built at start-up (no
+    module globals); `aclose()` at shutdown closes every one once."""
 
     def __init__(self, settings: HttpSettings | None = None) -> None:
         self._settings = settings or HttpSettings()
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._upstreams: dict[str, Upstream] = {}
+        self._ssl: ssl.SSLContext | None = None
 
     @property
     def settings(self) -> HttpSettings:
         return self._settings
 
-    def client_for(self, base_url: str) -> httpx.AsyncClient:
+    def upstream_for(self, base_url: str) -> Upstream:
         url = httpx.URL(base_url)
         origin = f"{url.scheme}://{url.host}:{url.port or ''}"
-        client = self._clients.get(origin)
-        if client is None:
-            client = self._clients[origin] = self._new_client()
-        return client
+        upstream = self._upstreams.get(origin)
+        if upstream is None:
+            upstream = self._upstreams[origin] = self._new_upstream(url)
+        return upstream
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_upstream(self, url: httpx.URL) -> Upstream:
         s = self._settings
+        if s.transport == "native":
+            if url.scheme not in ("http", "https"):
+                raise ValueError(f"unsupported URL scheme {url.scheme!r}")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            if self._ssl is None and url.scheme == "https":
+                self._ssl = ssl.create_default_context(cafile=s.ca_file or certifi.where())
+                self._ssl.set_alpn_protocols(["http/1.1"])
+            return _NativeUpstream(OriginPool(url.scheme, url.host, port, self._ssl, s.max_connections, s.keepalive_expiry_s))
         limits = httpx.Limits(
             max_connections=s.max_connections,
             max_keepalive_connections=s.max_connections,
@@ -104,12 +232,12 @@ class ClientPool:
         else:
             transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False)
         # trust_env off: the upstream is exactly the configured URL, never an environment proxy.
-        return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
+        return _HttpxUpstream(httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False))
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
+        upstreams, self._upstreams = list(self._upstreams.values()), {}
+        for upstream in upstreams:
+            await upstream.aclose()
 
 
 class _Deadline:
@@ -164,9 +292,9 @@ class HttpBackend:
         self._adapter = adapter
         self._endpoint = endpoint
         self._pool = pool
-        self._client = pool.client_for(endpoint.base_url or adapter.default_base_url)
+        self._upstream = pool.upstream_for(endpoint.base_url or adapter.default_base_url)
         t = endpoint.timeouts
-        # httpx's own timeouts cover only connecting and writing the request: the body
+        # The transport's own timeouts cover only connecting and writing the request: the body
         # deadlines are ours. `pool` bounds the wait for a free pooled connection.
         self._timeout = httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=t.first_token_s)
 
@@ -191,7 +319,6 @@ class HttpBackend:
         """
         adapter, timeouts = self._adapter, self._endpoint.timeouts
         http_request = adapter.build_request(request, self._endpoint)
-        http_request.extensions["timeout"] = self._timeout.as_dict()
         decoder = adapter.new_decoder()
         sse = SSEDecoder()
         loop = asyncio.get_running_loop()
@@ -199,20 +326,20 @@ class HttpBackend:
         assert task is not None
         deadline = _Deadline(loop, task)
         first_token_by = loop.time() + timeouts.first_token_s
-        response: httpx.Response | None = None
+        exchange: Exchange | None = None
         got_token = False
         try:
             deadline.wait_until(first_token_by)
             try:
-                response = await self._client.send(http_request, stream=True)
-            except httpx.TransportError as exc:
+                exchange = await self._upstream.open(http_request, self._timeout)
+            except Unreachable as exc:
                 raise self._unreachable(exc) from None
             finally:
                 deadline.done_waiting()
-            if not 200 <= response.status_code < 300:
-                body = await self._read_error_body(response, deadline, first_token_by)
-                raise adapter.classify_error(response.status_code, response.headers, body)
-            chunks = response.aiter_raw().__aiter__()
+            if not 200 <= exchange.status < 300:
+                body = await self._read_error_body(exchange, deadline, first_token_by)
+                raise adapter.classify_error(exchange.status, exchange.headers(), body)
+            read = exchange.read
             stall_s = timeouts.stall_s
             while True:
                 if got_token:
@@ -220,17 +347,17 @@ class HttpBackend:
                 else:
                     deadline.wait_until(first_token_by)
                 try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except httpx.TransportError:
+                    chunk = await read()
+                except BodyLost:
                     raise StreamCut(f"the connection to {adapter.name} was lost mid-stream") from None
                 finally:
                     deadline.done_waiting()
+                if not chunk:
+                    break
                 for sse_event in sse.decode(chunk):
                     for event in decoder.feed(sse_event):
                         if type(event) is Finished:
-                            await self._drain(chunks, deadline)
+                            await self._drain(exchange, deadline)
                             yield event
                             return
                         if not got_token and isinstance(event, _TOKENS):
@@ -249,31 +376,29 @@ class HttpBackend:
             raise
         finally:
             deadline.close()
-            if response is not None:
-                await asyncio.shield(response.aclose())
+            if exchange is not None:
+                await asyncio.shield(exchange.aclose())
 
-    async def _read_error_body(self, response: httpx.Response, deadline: _Deadline, until: float) -> bytes:
+    async def _read_error_body(self, exchange: Exchange, deadline: _Deadline, until: float) -> bytes:
         body = bytearray()
         deadline.wait_until(until)
         try:
-            async for chunk in response.aiter_raw():
+            while len(body) < ERROR_BODY_LIMIT and (chunk := await exchange.read()):
                 body += chunk
-                if len(body) >= ERROR_BODY_LIMIT:
-                    break
-        except httpx.TransportError:
+        except BodyLost:
             pass  # classify what we have: the status is what matters
         finally:
             deadline.done_waiting()
         return bytes(body[:ERROR_BODY_LIMIT])
 
-    async def _drain(self, chunks: AsyncIterator[bytes], deadline: _Deadline) -> None:
+    async def _drain(self, exchange: Exchange, deadline: _Deadline) -> None:
         """Reads what is left of a finished body so the connection returns to the pool; gives
         up quietly after `DRAIN_S` (the response is closed either way)."""
         deadline.wait_for(DRAIN_S)
         try:
-            async for _ in chunks:
+            while await exchange.read():
                 pass
-        except httpx.TransportError:
+        except BodyLost:
             pass
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -283,15 +408,9 @@ class HttpBackend:
         finally:
             deadline.done_waiting()
 
-    def _unreachable(self, exc: httpx.TransportError) -> UpstreamError:
+    def _unreachable(self, exc: Unreachable) -> UpstreamError:
         name = self._adapter.name
-        cause = exc.__cause__
-        # httpx-aiohttp maps several aiohttp connection errors to ConnectTimeout; only a real
-        # timeout (or httpx's own) is reported as one.
-        is_timeout = isinstance(exc, httpx.TimeoutException) and (
-            isinstance(cause, TimeoutError) or not isinstance(cause, OSError)
-        )
-        if is_timeout:
+        if exc.timed_out:
             return UpstreamTimeout(f"could not connect to {name} in time")
         return UpstreamServerError(f"could not reach {name}")
 

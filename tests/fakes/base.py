@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -178,8 +179,9 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 class FakeServer:
     """Serves one `Provider` on 127.0.0.1. Use `async with FakeServer(provider) as fake:`."""
 
-    def __init__(self, provider: Provider, knobs: Knobs | None = None, port: int = 0) -> None:
+    def __init__(self, provider: Provider, knobs: Knobs | None = None, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.provider = provider
+        self._ssl = ssl_context  # serve HTTPS (the url says https://localhost)
         self.knobs = knobs or Knobs()
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[float] = []
@@ -198,6 +200,8 @@ class FakeServer:
 
     @property
     def url(self) -> str:
+        if self._ssl is not None:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
 
     @property
@@ -210,7 +214,7 @@ class FakeServer:
         return self.disconnects[-1]
 
     async def start(self) -> FakeServer:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self._port)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self._port, ssl=self._ssl)
         return self
 
     async def stop(self) -> None:

@@ -7,6 +7,8 @@ driver under uvloop (as the server does) and reports `time.process_time()` per t
 
 - paced: each token in its own TCP read (`pace` seconds apart), as a real provider streams;
 - burst: the fake writes as fast as it can, so reads carry many events each;
+- request: streams of one token each, so the figure is the CPU of opening and closing one
+  request (building it, the connection from the pool, the response head);
 - decode only: the SSE decoder and the adapter's decoder over the same bytes, no I/O.
 
 Prints one JSON object per line (for `make bench`) and a table.
@@ -83,9 +85,13 @@ def main() -> None:
         import uvloop
 
         results = []
-        for mode, knobs in (("paced", f",pace={args.pace}"), ("burst", "")):
-            for transport in ("httpx", "aiohttp"):
-                us = uvloop.run(run_streams(base_url, transport, args.tokens, args.streams, knobs))
+        for mode, tokens, streams, knobs in (
+            ("paced", args.tokens, args.streams, f",pace={args.pace}"),
+            ("burst", args.tokens, args.streams, ""),
+            ("request", 1, 200, ""),
+        ):
+            for transport in ("httpx", "aiohttp", "native"):
+                us = uvloop.run(run_streams(base_url, transport, tokens, streams, knobs))
                 results.append({"bench": "driver_cpu_per_token", "mode": mode, "transport": transport, "us_per_token": round(us, 2)})
         results.append({"bench": "driver_cpu_per_token", "mode": "decode_only", "transport": "-", "us_per_token": round(decode_only(args.tokens), 2)})
         for r in results:

@@ -50,7 +50,7 @@ def ask(model: str = "m", **kw) -> ChatRequest:
     return ChatRequest(model=model, messages=(ChatMessage("user", "What is the weather?"),), **kw)
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["native", "aiohttp", "httpx"])
 async def pool(request) -> AsyncIterator[ClientPool]:
     p = ClientPool(HttpSettings(transport=request.param))
     yield p
@@ -58,8 +58,8 @@ async def pool(request) -> AsyncIterator[ClientPool]:
 
 
 @pytest.fixture
-async def aiohttp_pool() -> AsyncIterator[ClientPool]:
-    p = ClientPool(HttpSettings(transport="aiohttp"))
+async def default_pool() -> AsyncIterator[ClientPool]:
+    p = ClientPool(HttpSettings())  # the native transport
     yield p
     await p.aclose()
 
@@ -100,16 +100,16 @@ async def test_text_usage_and_finish(provider, pool):
 
 
 @pytest.mark.parametrize("provider", FAKES)
-async def test_generated_tokens_arrive_one_by_one(provider, aiohttp_pool):
+async def test_generated_tokens_arrive_one_by_one(provider, default_pool):
     async with FAKES[provider].serve() as fake:
-        events, error = await run(backend(provider, fake, aiohttp_pool, "m@tokens=200"))
+        events, error = await run(backend(provider, fake, default_pool, "m@tokens=200"))
     assert error is None
     assert [e.text for e in events if isinstance(e, TextDelta)] == generated_tokens(200)
 
 
-async def test_openai_tool_call_is_normalized(aiohttp_pool):
+async def test_openai_tool_call_is_normalized(default_pool):
     async with openai_fake.serve() as fake:
-        events, error = await run(backend("openai", fake, aiohttp_pool, "gpt-4o@scenario=tool"), ask(tools=(TOOL,)))
+        events, error = await run(backend("openai", fake, default_pool, "gpt-4o@scenario=tool"), ask(tools=(TOOL,)))
     calls = [e for e in events if isinstance(e, ToolCallDelta)]
     assert error is None
     assert calls[0] == ToolCallDelta(0, "call_4XzlGBLtUe9dy3GVNV4jhq7h", "get_weather", "")
@@ -122,9 +122,9 @@ async def test_openai_tool_call_is_normalized(aiohttp_pool):
     assert fake.last_request.headers["authorization"] == f"Bearer {SECRET}"
 
 
-async def test_anthropic_tool_use_is_normalized(aiohttp_pool):
+async def test_anthropic_tool_use_is_normalized(default_pool):
     async with anthropic_fake.serve() as fake:
-        events, error = await run(backend("anthropic", fake, aiohttp_pool, "claude@scenario=tool"), ask(tools=(TOOL,)))
+        events, error = await run(backend("anthropic", fake, default_pool, "claude@scenario=tool"), ask(tools=(TOOL,)))
     calls = [e for e in events if isinstance(e, ToolCallDelta)]
     assert error is None
     assert text_of(events) == "I'll check the current weather in Paris for you."
@@ -135,9 +135,9 @@ async def test_anthropic_tool_use_is_normalized(aiohttp_pool):
     assert fake.last_request.headers["anthropic-version"] == "2023-06-01"
 
 
-async def test_gemini_function_call_and_thoughts(aiohttp_pool):
+async def test_gemini_function_call_and_thoughts(default_pool):
     async with gemini_fake.serve() as fake:
-        events, error = await run(backend("gemini", fake, aiohttp_pool, "gemini-2.5-flash@scenario=tool"), ask(tools=(TOOL,)))
+        events, error = await run(backend("gemini", fake, default_pool, "gemini-2.5-flash@scenario=tool"), ask(tools=(TOOL,)))
     assert error is None
     assert [e for e in events if isinstance(e, ToolCallDelta)] == [ToolCallDelta(0, "call_0", "now", "{}")]
     assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)).startswith("**Calculating the Days**")
@@ -148,9 +148,9 @@ async def test_gemini_function_call_and_thoughts(aiohttp_pool):
     assert fake.last_request.path.startswith("/v1beta/models/gemini-2.5-flash@scenario=tool:streamGenerateContent?alt=sse")
 
 
-async def test_gemini_crlf_and_split_chunks(aiohttp_pool):
+async def test_gemini_crlf_and_split_chunks(default_pool):
     async with gemini_fake.serve() as fake:
-        events, error = await run(backend("gemini", fake, aiohttp_pool, "g@crlf,split=7"))
+        events, error = await run(backend("gemini", fake, default_pool, "g@crlf,split=7"))
     assert error is None and text_of(events) == TEXT["gemini"]
 
 
@@ -200,9 +200,9 @@ FAILURES += [("openai", "no_done", StreamCut, None), ("anthropic", "no_done", St
 
 
 @pytest.mark.parametrize(("provider", "knobs", "error_type", "retry_after"), FAILURES)
-async def test_failure_knob_gives_typed_error(provider, knobs, error_type, retry_after, aiohttp_pool):
+async def test_failure_knob_gives_typed_error(provider, knobs, error_type, retry_after, default_pool):
     async with FAKES[provider].serve() as fake:
-        events, error = await run(backend(provider, fake, aiohttp_pool, f"m@{knobs}"))
+        events, error = await run(backend(provider, fake, default_pool, f"m@{knobs}"))
     assert type(error) is error_type, (error, events)
     assert not any(isinstance(e, Finished) for e in events)
     if retry_after is not None:
@@ -237,15 +237,15 @@ async def test_stall_timeout_after_tokens_flowed(pool):
     assert 0.25 < time.monotonic() - t0 < 2.0
 
 
-async def test_slow_but_steady_stream_is_not_a_stall(aiohttp_pool):
+async def test_slow_but_steady_stream_is_not_a_stall(default_pool):
     async with anthropic_fake.serve() as fake:
-        events, error = await run(backend("anthropic", fake, aiohttp_pool, "m@tokens=8,ttft=0.2,pace=0.1", Timeouts(2.0, 0.5, 0.3)))
+        events, error = await run(backend("anthropic", fake, default_pool, "m@tokens=8,ttft=0.2,pace=0.1", Timeouts(2.0, 0.5, 0.3)))
     assert error is None and len(text_of(events)) > 0
 
 
-async def test_slow_consumer_is_not_a_stall(aiohttp_pool):
+async def test_slow_consumer_is_not_a_stall(default_pool):
     async with openai_fake.serve() as fake:
-        b = backend("openai", fake, aiohttp_pool, "m@tokens=3", Timeouts(2.0, 0.3, 0.2))
+        b = backend("openai", fake, default_pool, "m@tokens=3", Timeouts(2.0, 0.3, 0.2))
         events = []
         async with aclosing(b.stream(ask())) as stream:
             async for event in stream:
@@ -296,9 +296,9 @@ async def test_cancel_closes_the_upstream_within_100ms(provider, how, pool):
         assert fake.completed == 0
 
 
-async def test_cancel_during_first_token_wait(aiohttp_pool):
+async def test_cancel_during_first_token_wait(default_pool):
     async with openai_fake.serve() as fake:
-        b = backend("openai", fake, aiohttp_pool, "m@ttft=5")
+        b = backend("openai", fake, default_pool, "m@ttft=5")
 
         async def consume() -> None:
             async with aclosing(b.stream(ask())) as stream:
@@ -318,9 +318,9 @@ async def test_cancel_during_first_token_wait(aiohttp_pool):
 
 
 @pytest.mark.parametrize("provider", FAKES)
-async def test_key_never_in_errors_or_reprs(provider, aiohttp_pool):
+async def test_key_never_in_errors_or_reprs(provider, default_pool):
     async with FAKES[provider].serve() as fake:
-        b = backend(provider, fake, aiohttp_pool, "m@status=401")
+        b = backend(provider, fake, default_pool, "m@status=401")
         _, error = await run(b)
     assert isinstance(error, UpstreamUnauthenticated)
     for text in (str(error), repr(error), error.body, error.message, repr(b.endpoint), str(b.endpoint.key)):

@@ -79,6 +79,9 @@ async def test_catalog_with_config_serves_config_and_demo(tmp_path):
         ("models:\n  m:\n    - model: x\n", 3, "needs a provider"),
         ("models:\n  m: [\n", 3, "invalid YAML"),
         ("models:\n  m:\n    provider: gemini\n    key: file:/nonexistent/key\n", 4, "cannot read the key file"),
+        ("http:\n  transport: curl\nmodels: {}\n", 2, "transport must be native, aiohttp or httpx"),
+        ("http:\n  ca_file: /nonexistent/ca.pem\nmodels: {}\n", 2, "no such CA file"),
+        ("http:\n  transport: aiohttp\n  http2: true\nmodels: {}\n", 3, "http2 needs transport: httpx"),
     ],
 )
 def test_errors_name_file_line_and_problem(tmp_path, text, line, problem):
