@@ -9,8 +9,9 @@ The proxy's path to the fake needs the OpenAI adapter (server/providers/openai.p
 file support; when they are missing or do not work, the upstream workloads run direct only and
 say "openai adapter not available".
 
-`--profile DIR` also runs py-spy on the server and on the bridge while workload A with 50
-streams runs over the chain, and writes the raw stacks and a summary to DIR.
+`--profile DIR` also runs py-spy on the server and on the bridge while a workload (A with 50
+streams, or `--profile-workload KEY`) loops over the chain, and writes the raw stacks and a
+summary to DIR.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-sessions", type=int, default=None, help="sessions of workload (v) (full: 10000)")
     parser.add_argument("--rounds", type=int, default=None, help="override every streaming workload's rounds")
     parser.add_argument("--only", default="", help="comma-separated workload keys (A1,A50,i,ii,iii_50,iii_200,iv,v)")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the server and bridge during A50; output dir")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the server and bridge during one workload; output dir")
+    parser.add_argument("--profile-workload", default="A50", help="the workload key to profile (default A50)")
     parser.add_argument("--profile-s", type=float, default=8.0)
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too (pauses the processes)")
     parser.add_argument("--profile-tokens", type=int, default=None, help="tokens per stream while profiling (default: A50's)")
@@ -146,7 +148,7 @@ async def run_all(args: argparse.Namespace, chosen: Plan, pinning: Pinning | Non
                     paths, skipped = paths_for(workload, fake, proxy, channel, missing)
                     print(f"bench: {workload.key} {workload.title} over {', '.join(p.name for p in paths)}", file=sys.stderr)
                     results[workload.key] = await measure(workload, paths, rig, skipped)
-                    if args.profile is not None and workload.key == "A50":
+                    if args.profile is not None and workload.key == args.profile_workload:
                         print(await run_profile(workload, paths, proxy, args))
             finally:
                 await channel.close()
