@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 
 from server.core.events import (
     Finished,
@@ -51,13 +50,14 @@ from server.errors import (
 )
 from server.providers.adapter import (
     Endpoint,
+    UpstreamRequest,
     excerpt,
     join_url,
-    json_body,
     loads_body,
     loads_event,
     parse_json_arg,
     parse_retry_after,
+    post_json,
     redact,
 )
 from server.providers.sse import SSEEvent
@@ -258,7 +258,7 @@ class AnthropicAdapter:
     def default_base_url(self) -> str:
         return "https://api.anthropic.com/v1"
 
-    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> httpx.Request:
+    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> UpstreamRequest:
         body = build_body(request, endpoint.upstream_model)
         headers = {
             "content-type": "application/json",
@@ -267,9 +267,8 @@ class AnthropicAdapter:
         }
         if endpoint.key is not None:
             headers["x-api-key"] = endpoint.key.reveal()
-        headers.update(endpoint.headers)
         url = join_url(endpoint.base_url or self.default_base_url, "/messages")
-        return httpx.Request("POST", url, headers=headers, content=json_body(body))
+        return post_json(url, headers, endpoint, body)
 
     def new_decoder(self) -> MessagesDecoder:
         return MessagesDecoder()

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import orjson
 
 from server.core.events import (
@@ -56,13 +55,14 @@ from server.errors import (
 )
 from server.providers.adapter import (
     Endpoint,
+    UpstreamRequest,
     excerpt,
     join_url,
-    json_body,
     loads_body,
     loads_event,
     parse_json_arg,
     parse_retry_after,
+    post_json,
     redact,
 )
 from server.providers.sse import SSEEvent
@@ -308,16 +308,15 @@ class GeminiAdapter:
     def default_base_url(self) -> str:
         return "https://generativelanguage.googleapis.com/v1beta"
 
-    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> httpx.Request:
+    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> UpstreamRequest:
         body = build_body(request)
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if endpoint.key is not None:
             headers["x-goog-api-key"] = endpoint.key.reveal()
-        headers.update(endpoint.headers)
         url = join_url(
             endpoint.base_url or self.default_base_url, f"/models/{endpoint.upstream_model}:streamGenerateContent"
         )
-        return httpx.Request("POST", url, params={"alt": "sse"}, headers=headers, content=json_body(body))
+        return post_json(url, headers, endpoint, body, {"alt": "sse"})
 
     def new_decoder(self) -> GenerateContentDecoder:
         return GenerateContentDecoder()

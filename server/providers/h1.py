@@ -74,7 +74,7 @@ class ResponseHead:
 
 def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     """One request, head and body, ready for the socket. `headers` must hold Host and, when there
-    is a body, Content-Length (an `httpx.Request` sets both)."""
+    is a body, Content-Length (the native upstream in http.py adds both)."""
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
         if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:

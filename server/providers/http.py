@@ -1,6 +1,6 @@
 """The one streaming driver of every HTTP provider: `HttpBackend` over a pure adapter.
 
-Theory of operation. `stream()` asks the adapter for an `httpx.Request`, sends it on the
+Theory of operation. `stream()` asks the adapter for an `UpstreamRequest`, sends it on the
 deployment's pooled keep-alive client, and then loops: read a body chunk -> the incremental SSE
 decoder -> the adapter's per-stream decoder -> typed provider events, yielded as they come.
 A non-2xx answer is read (bounded) and handed to the adapter's `classify_error`.
@@ -23,7 +23,7 @@ body cannot go back to the pool, so the connection is closed and the provider se
 disconnect at once, which is how it stops generating (and billing). After a normal finish the
 rest of the body (the chunked terminator) is drained first so the connection is reused.
 
-Transport. Adapters build an `httpx.Request`; `Upstream.open` sends it. The default, `native`,
+Transport. Adapters build an `UpstreamRequest` (plain data); `Upstream.open` sends it. The default, `native`,
 is our own HTTP/1.1 client (h1.py's sans-I/O parser under h1pool.py's connection pool): it
 costs less than half the CPU of aiohttp per request opened and the same per token (see
 tests/fakes/bench_driver.py and docs/configuration.md). `transport: aiohttp` uses httpx's API
@@ -39,6 +39,7 @@ import ssl
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
+from urllib.parse import quote, urlsplit
 
 import certifi
 import httpx
@@ -46,7 +47,7 @@ import httpx
 from server.core.events import Finished, ProviderEvent, ReasoningDelta, TextDelta, ToolCallDelta
 from server.core.request import ChatRequest
 from server.errors import StreamCut, UpstreamError, UpstreamServerError, UpstreamTimeout
-from server.providers.adapter import Adapter, Endpoint
+from server.providers.adapter import Adapter, Endpoint, UpstreamRequest
 from server.providers.base import DeploymentInfo
 from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
 from server.providers.sse import SSEDecoder
@@ -96,7 +97,7 @@ class Exchange(Protocol):
 class Upstream(Protocol):
     """Sends requests to one origin."""
 
-    async def open(self, request: httpx.Request, timeout: httpx.Timeout) -> Exchange:
+    async def open(self, request: UpstreamRequest, timeout: httpx.Timeout) -> Exchange:
         """Sends `request`; returns once the response head is in. Raises `Unreachable`."""
         ...
 
@@ -125,13 +126,17 @@ class _NativeUpstream:
     def __init__(self, pool: OriginPool) -> None:
         self._pool = pool
 
-    async def open(self, request: httpx.Request, timeout: httpx.Timeout) -> Exchange:
-        headers = request.headers.raw
-        if b"accept-encoding" not in (name.lower() for name, _ in headers):
-            headers = [*headers, (b"Accept-Encoding", b"identity")]  # SSE is not worth compressing
+    async def open(self, request: UpstreamRequest, timeout: httpx.Timeout) -> Exchange:
+        target, host = _target_and_host(request.url)
+        headers = [(b"host", host)]
+        for name, value in request.headers.items():
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        if "accept-encoding" not in request.headers:
+            headers.append((b"accept-encoding", b"identity"))  # SSE is not worth compressing
+        headers.append((b"content-length", str(len(request.content)).encode()))
         exchange = await self._pool.open(
             request.method.encode("ascii"),
-            request.url.raw_path,
+            target,
             headers,
             request.content,
             connect_s=timeout.connect or 30.0,
@@ -141,6 +146,20 @@ class _NativeUpstream:
 
     async def aclose(self) -> None:
         self._pool.aclose()
+
+
+# What a path may hold unescaped (RFC 3986 pchar and "/"); anything else is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+
+
+def _target_and_host(url: str) -> tuple[bytes, bytes]:
+    """The request target (path and query) and the Host header of an absolute URL."""
+    parts = urlsplit(url)
+    target = quote(parts.path or "/", safe=_PATH_SAFE)
+    if parts.query:
+        target += "?" + parts.query
+    host = parts.netloc.rpartition("@")[2]
+    return target.encode("ascii"), host.encode("ascii") if host.isascii() else host.encode("idna")
 
 
 class _HttpxExchange:
@@ -173,10 +192,11 @@ class _HttpxUpstream:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
 
-    async def open(self, request: httpx.Request, timeout: httpx.Timeout) -> Exchange:
-        request.extensions["timeout"] = timeout.as_dict()
+    async def open(self, request: UpstreamRequest, timeout: httpx.Timeout) -> Exchange:
+        http_request = httpx.Request(request.method, request.url, headers=request.headers, content=request.content)
+        http_request.extensions["timeout"] = timeout.as_dict()
         try:
-            return _HttpxExchange(await self._client.send(request, stream=True))
+            return _HttpxExchange(await self._client.send(http_request, stream=True))
         except httpx.TransportError as exc:
             cause = exc.__cause__
             # httpx-aiohttp maps several aiohttp connection errors to ConnectTimeout; only a
@@ -318,7 +338,7 @@ class HttpBackend:
         upstream response at once.
         """
         adapter, timeouts = self._adapter, self._endpoint.timeouts
-        http_request = adapter.build_request(request, self._endpoint)
+        upstream_request = adapter.build_request(request, self._endpoint)
         decoder = adapter.new_decoder()
         sse = SSEDecoder()
         loop = asyncio.get_running_loop()
@@ -331,7 +351,7 @@ class HttpBackend:
         try:
             deadline.wait_until(first_token_by)
             try:
-                exchange = await self._upstream.open(http_request, self._timeout)
+                exchange = await self._upstream.open(upstream_request, self._timeout)
             except Unreachable as exc:
                 raise self._unreachable(exc) from None
             finally:

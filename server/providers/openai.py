@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 
 from server.core.events import (
     Finished,
@@ -55,13 +54,14 @@ from server.errors import (
 )
 from server.providers.adapter import (
     Endpoint,
+    UpstreamRequest,
     excerpt,
     join_url,
-    json_body,
     loads_body,
     loads_event,
     parse_json_arg,
     parse_retry_after,
+    post_json,
     redact,
 )
 from server.providers.sse import SSEEvent
@@ -268,14 +268,13 @@ class OpenAIAdapter:
     def default_base_url(self) -> str:
         return self._default_base_url
 
-    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> httpx.Request:
+    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> UpstreamRequest:
         body = build_body(request, endpoint.upstream_model, self._max_tokens_field)
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if endpoint.key is not None:
             headers["authorization"] = "Bearer " + endpoint.key.reveal()
-        headers.update(endpoint.headers)
         url = join_url(endpoint.base_url or self._default_base_url, "/chat/completions")
-        return httpx.Request("POST", url, headers=headers, content=json_body(body))
+        return post_json(url, headers, endpoint, body)
 
     def new_decoder(self) -> ChatCompletionsDecoder:
         return ChatCompletionsDecoder(self._name)
@@ -297,17 +296,16 @@ class AzureOpenAIAdapter:
     def default_base_url(self) -> str:
         return ""  # always configured: https://RESOURCE.openai.azure.com
 
-    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> httpx.Request:
+    def build_request(self, request: ChatRequest, endpoint: Endpoint) -> UpstreamRequest:
         if not endpoint.base_url:
             raise InvalidRequest("the azure deployment has no base_url")
         body = build_body(request, None, "max_tokens")
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if endpoint.key is not None:
             headers["api-key"] = endpoint.key.reveal()
-        headers.update(endpoint.headers)
         url = join_url(endpoint.base_url, f"/openai/deployments/{endpoint.upstream_model}/chat/completions")
         params = {"api-version": endpoint.api_version or self.DEFAULT_API_VERSION}
-        return httpx.Request("POST", url, params=params, headers=headers, content=json_body(body))
+        return post_json(url, headers, endpoint, body, params)
 
     def new_decoder(self) -> ChatCompletionsDecoder:
         return ChatCompletionsDecoder("azure")

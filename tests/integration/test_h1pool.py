@@ -14,7 +14,7 @@ import pytest
 from server.core.events import Finished, TextDelta
 from server.core.request import ChatMessage, ChatRequest
 from server.errors import StreamCut, UpstreamServerError
-from server.providers.adapter import Endpoint, Secret, Timeouts
+from server.providers.adapter import Endpoint, Secret, Timeouts, UpstreamRequest
 from server.providers.base import DeploymentInfo
 from server.providers.http import ClientPool, HttpBackend, HttpSettings
 from server.providers.registry import providers
@@ -199,7 +199,7 @@ async def test_an_unread_body_stops_reading_the_socket(pool):
     many = event * (4 * 1024 * 1024 // len(event))
     async with RawServer(lambda n: chunked(many + SSE)) as server:
         upstream = pool.upstream_for(server.url)
-        request = httpx.Request("POST", server.url + "/v1/chat/completions", content=b"{}")
+        request = UpstreamRequest("POST", server.url + "/v1/chat/completions", {}, b"{}")
         exchange = await upstream.open(request, httpx.Timeout(2.0))
         await asyncio.sleep(0.5)
         conn = exchange._exchange._conn  # the one connection under test

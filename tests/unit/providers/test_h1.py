@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.providers.h1 import Phase, ProtocolError, ResponseReader, request_bytes
+from server.providers.http import _target_and_host
 
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\n"
@@ -141,3 +142,17 @@ def test_request_bytes():
     assert raw == b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: a:1\r\nContent-Length: 2\r\n\r\n{}"
     with pytest.raises(ValueError):
         request_bytes(b"GET", b"/", [(b"X", b"a\r\nInjected: 1")], b"")
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "host"),
+    [
+        ("http://127.0.0.1:8080/v1/chat/completions", b"/v1/chat/completions", b"127.0.0.1:8080"),
+        ("https://api.example/v1/models/gemini 2:stream?alt=sse", b"/v1/models/gemini%202:stream?alt=sse", b"api.example"),
+        ("https://user@api.example", b"/", b"api.example"),
+        ("https://bücher.example/x", b"/x", b"xn--bcher-kva.example"),
+        ("http://[::1]:9/a%2Fb", b"/a%2Fb", b"[::1]:9"),
+    ],
+)
+def test_request_target_and_host_of_a_url(url, target, host):
+    assert _target_and_host(url) == (target, host)

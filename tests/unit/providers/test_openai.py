@@ -189,3 +189,10 @@ def test_classify_ignores_message_text_and_redacts_keys():
     assert type(result) is UpstreamInvalidRequest
     assert "sk-abcdefghijklmnop" not in result.body and "sk-abcdefghijklmnop" not in result.message
     assert type(OPENAI.classify_error(500, {}, b"<html>not json</html>")) is UpstreamServerError
+
+
+def test_configured_headers_override_the_adapters_whatever_their_case():
+    endpoint = Endpoint("openai", "m", "https://gw.example/v1", Secret("sk-k"), (("Authorization", "Bearer gateway"),))
+    http, _ = body_of(OPENAI, ChatRequest("pub", (ChatMessage("user", "hi"),)), endpoint)
+    assert http.headers["authorization"] == "Bearer gateway"
+    assert [name for name in http.headers if name.lower() == "authorization"] == ["authorization"]
