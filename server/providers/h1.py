@@ -20,11 +20,13 @@ after the data, and the trailer section.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+# A chunk's size line (RFC 9112 7.1): hex digits, then optional whitespace and extensions.
+_CHUNK_LINE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 
 
 class ProtocolError(Exception):
@@ -223,7 +225,30 @@ class ResponseReader:
         pos, end, body = 0, len(data), self._body
         phase = self.phase
         while pos < end:
-            if phase is Phase.CHUNK_DATA:
+            if phase is Phase.CHUNK_SIZE:
+                line = _CHUNK_LINE.match(data, pos)
+                if line is None:
+                    if data.find(b"\r\n", pos) >= 0:
+                        raise ProtocolError("an invalid chunk size")
+                    if end - pos > MAX_CHUNK_LINE_BYTES:
+                        raise ProtocolError("a chunk size line is too long")
+                    break
+                size = int(line.group(1), 16)
+                pos = line.end()
+                if not size:
+                    phase = Phase.TRAILERS
+                    self._move(phase)
+                elif end - pos >= size + 2:  # the whole chunk is here: no need to leave CHUNK_SIZE
+                    after = pos + size
+                    if data[after : after + 2] != b"\r\n":
+                        raise ProtocolError("a chunk's data did not end with CRLF")
+                    body.append(data[pos:after])
+                    pos = after + 2
+                else:
+                    self._left = size
+                    phase = Phase.CHUNK_DATA
+                    self._move(phase)
+            elif phase is Phase.CHUNK_DATA:
                 take = min(self._left, end - pos)
                 body.append(data[pos : pos + take] if take != end or pos else data)
                 pos += take
@@ -232,19 +257,6 @@ class ResponseReader:
                     break
                 self._move(Phase.CHUNK_END)
                 phase = Phase.CHUNK_END
-            elif phase is Phase.CHUNK_SIZE:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if end - pos > MAX_CHUNK_LINE_BYTES:
-                        raise ProtocolError("a chunk size line is too long")
-                    break
-                size = data[pos:eol].split(b";", 1)[0].strip(b" \t")
-                if not size or not _HEX.issuperset(size) or len(size) > 16:
-                    raise ProtocolError("an invalid chunk size")
-                pos = eol + 2
-                self._left = int(size, 16)
-                phase = Phase.CHUNK_DATA if self._left else Phase.TRAILERS
-                self._move(phase)
             elif phase is Phase.CHUNK_END:
                 if end - pos < 2:
                     break
