@@ -86,6 +86,8 @@ bench: install-test
 	$(PY) -m bench.run --out bench/results
 	@echo "== the same chain without analytics (metrics, request log, live stats): their cost =="
 	$(PY) -m bench.run --only A50,iv,iii_200 --server-arg=--no-analytics --out bench/results/no-analytics
+	@echo "== the libraries' own memory per idle connection: the floor under (v) =="
+	$(PY) -m bench.floor | tee bench/results/floor.txt
 
 clean:
 	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

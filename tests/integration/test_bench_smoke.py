@@ -85,3 +85,17 @@ async def test_openai_sdk_reads_the_bench_fake_upstream() -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     usage = chunks[-1].usage
     assert not chunks[-1].choices and usage is not None and usage.completion_tokens == 5
+
+
+@pytest.mark.timeout(60)
+def test_bench_floor_measures_every_side() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--connections", "50", "--streams", "5", "--messages", "20", "--pace", "0.001"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
+    assert len(rows) == 6 and all(math.isfinite(float(line.split()[-1])) for line in rows), run.stdout

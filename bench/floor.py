@@ -1,0 +1,170 @@
+"""The libraries' own cost: memory per idle connection (the floor under workload (v)) and CPU
+per gRPC message (the floor under every paced workload).
+
+    python -m bench.floor [--connections 3000] [--streams 50] [--messages 200] [--pace 0.01]
+
+An idle llmproxy session is one WebSocket (websockets server in the bridge), one gRPC `Stream`
+call from the bridge (grpc.aio client) and that call in the server (grpc.aio server). This opens
+N idle connections of each kind with nothing of llmproxy in them: a bare websockets server that
+sends one frame, and a bare grpc.aio bidi method that sends one message, each in its own process
+(under uvloop, as ours run), and prints the growth of resident memory per connection on each
+side. The sum for the three llmproxy sides, set against workload (v)'s total, is what our own
+code adds.
+
+CPU: `--streams` bare bidi calls, each sent `--messages` small messages `--pace` seconds apart
+by the server (as the server relays paced tokens, one message each), read by the client; the
+CPU time of each process (all threads) per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import grpc
+import uvloop
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from bench.system import cpu_s, rss_kb
+
+METHOD = "/bench.Floor/Stream"
+PACED = "/bench.Floor/Paced"
+
+
+async def grpc_server() -> None:
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.write(b"hello")
+        async for _ in requests:
+            pass
+
+    async def paced(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        ask = await context.read()
+        count, pace = ask.decode().split()
+        message = b"x" * 40  # about a token frame
+        for _ in range(int(count)):
+            await asyncio.sleep(float(pace))
+            await context.write(message)
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Floor",
+        {"Stream": grpc.stream_stream_rpc_method_handler(stream), "Paced": grpc.stream_stream_rpc_method_handler(paced)},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+async def ws_server() -> None:
+    async def handle(ws: ServerConnection) -> None:
+        await ws.send("hello")
+        try:
+            async for _ in ws:
+                pass
+        except ConnectionClosed:
+            pass
+
+    async with serve(handle, "127.0.0.1", 0, compression=None, ping_interval=5.0) as server:
+        print(next(iter(server.sockets)).getsockname()[1], flush=True)
+        await asyncio.get_running_loop().create_future()
+
+
+async def measure(kind: str, port: int, server_pid: int, n: int) -> tuple[float, float]:
+    server_before, client_before = rss_kb(server_pid), rss_kb(os.getpid())
+    held: list[Any] = []
+    if kind == "grpc":
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        method = channel.stream_stream(METHOD)
+        for _ in range(n):
+            call = method()
+            await call.read()
+            held.append(call)
+    else:
+        for _ in range(n):
+            ws: ClientConnection = await connect(f"ws://127.0.0.1:{port}", compression=None, ping_interval=None)
+            await ws.recv()
+            held.append(ws)
+    await asyncio.sleep(2.0)
+    result = ((rss_kb(server_pid) - server_before) / n, (rss_kb(os.getpid()) - client_before) / n)
+    if kind == "grpc":
+        for call in held:
+            call.cancel()
+        await channel.close()
+    else:
+        await asyncio.gather(*(ws.close() for ws in held))
+    return result
+
+
+async def measure_cpu(port: int, server_pid: int, streams: int, messages: int, pace: float) -> tuple[float, float]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    method = channel.stream_stream(PACED)
+
+    async def one() -> int:
+        call = method()
+        await call.write(f"{messages} {pace}".encode())
+        got = 0
+        while await call.read() is not grpc.aio.EOF:
+            got += 1
+            if got == messages:
+                break
+        call.cancel()
+        return got
+
+    await one()  # warm up
+    server0, client0 = cpu_s(server_pid), cpu_s(os.getpid())
+    total = sum(await asyncio.gather(*(one() for _ in range(streams))))
+    result = ((cpu_s(server_pid) - server0) / total * 1e6, (cpu_s(os.getpid()) - client0) / total * 1e6)
+    await channel.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=3000)
+    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--pace", type=float, default=0.01)
+    parser.add_argument("--serve", choices=("grpc", "ws"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        uvloop.run(grpc_server() if args.serve == "grpc" else ws_server())
+        return
+    sides: dict[str, tuple[float, float]] = {}
+    for kind in ("ws", "grpc"):
+        server = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", kind], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            time.sleep(0.5)
+            sides[kind] = uvloop.run(measure(kind, port, server.pid, args.connections))
+            if kind == "grpc":
+                cpu = uvloop.run(measure_cpu(port, server.pid, args.streams, args.messages, args.pace))
+        finally:
+            server.terminate()
+            server.wait()
+    ws_server_kb, _ = sides["ws"]
+    grpc_server_kb, grpc_client_kb = sides["grpc"]
+    rows = (
+        ("websockets server (the bridge's WebSocket side)", ws_server_kb),
+        ("grpc.aio bidi call, client (the bridge's gRPC side)", grpc_client_kb),
+        ("grpc.aio bidi call, server (the server's side)", grpc_server_kb),
+        ("floor of one llmproxy session", ws_server_kb + grpc_client_kb + grpc_server_kb),
+    )
+    print(f"{args.connections} idle connections of each kind, KB of resident memory per connection:")
+    for label, kb in rows:
+        print(f"  {label:<54}{kb:6.1f}")
+    print(f"{args.streams} bidi calls x {args.messages} messages {args.pace * 1000:g} ms apart, CPU us per message:")
+    print(f"  {'grpc.aio server, writing':<54}{cpu[0]:6.1f}")
+    print(f"  {'grpc.aio client, reading':<54}{cpu[1]:6.1f}")
+
+if __name__ == "__main__":
+    main()
