@@ -216,10 +216,13 @@ class OriginPool:
         if self._closed:
             raise Unreachable("the client is closed")
         payload = request_bytes(method, target, headers, body)
-        try:
-            await asyncio.wait_for(self._slots.acquire(), pool_s)
-        except TimeoutError:
-            raise Unreachable("no free connection in time", timed_out=True) from None
+        if self._slots.locked():  # every connection busy: wait for one, bounded
+            try:
+                await asyncio.wait_for(self._slots.acquire(), pool_s)
+            except TimeoutError:
+                raise Unreachable("no free connection in time", timed_out=True) from None
+        else:
+            await self._slots.acquire()  # free: returns at once (wait_for would start a task)
         try:
             for _ in range(2):
                 conn = self._idle_connection()
