@@ -14,6 +14,10 @@ code adds.
 CPU: `--streams` bare bidi calls, each sent `--messages` small messages `--pace` seconds apart
 by the server (as the server relays paced tokens, one message each), read by the client; the
 CPU time of each process (all threads) per message.
+
+Latency: a round trip (a small message out, echoed back) on one bidi call and on one WebSocket,
+one every `--gap` seconds so both processes are idle in between, as they are between the tokens
+of one paced stream; median and p99 of `--pings`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from bench.system import cpu_s, rss_kb
 
 METHOD = "/bench.Floor/Stream"
 PACED = "/bench.Floor/Paced"
+ECHO = "/bench.Floor/Echo"
 
 
 async def grpc_server() -> None:
@@ -52,9 +57,17 @@ async def grpc_server() -> None:
             await asyncio.sleep(float(pace))
             await context.write(message)
 
+    async def echo(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        async for message in requests:
+            await context.write(message)
+
     handler = grpc.method_handlers_generic_handler(
         "bench.Floor",
-        {"Stream": grpc.stream_stream_rpc_method_handler(stream), "Paced": grpc.stream_stream_rpc_method_handler(paced)},
+        {
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+            "Paced": grpc.stream_stream_rpc_method_handler(paced),
+            "Echo": grpc.stream_stream_rpc_method_handler(echo),
+        },
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
@@ -68,8 +81,8 @@ async def ws_server() -> None:
     async def handle(ws: ServerConnection) -> None:
         await ws.send("hello")
         try:
-            async for _ in ws:
-                pass
+            async for message in ws:
+                await ws.send(message)
         except ConnectionClosed:
             pass
 
@@ -127,18 +140,50 @@ async def measure_cpu(port: int, server_pid: int, streams: int, messages: int, p
     return result
 
 
+async def measure_rtt(kind: str, port: int, pings: int, gap: float) -> tuple[float, float]:
+    """Median and p99 round trip in microseconds."""
+    rtts: list[float] = []
+    clock = time.perf_counter_ns
+    if kind == "grpc":
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.stream_stream(ECHO)()
+        for _ in range(pings + 5):
+            await asyncio.sleep(gap)
+            t0 = clock()
+            await call.write(b"x" * 40)
+            await call.read()
+            rtts.append((clock() - t0) / 1000)
+        call.cancel()
+        await channel.close()
+    else:
+        ws = await connect(f"ws://127.0.0.1:{port}", compression=None, ping_interval=None)
+        await ws.recv()
+        for _ in range(pings + 5):
+            await asyncio.sleep(gap)
+            t0 = clock()
+            await ws.send("x" * 40)
+            await ws.recv()
+            rtts.append((clock() - t0) / 1000)
+        await ws.close()
+    kept = sorted(rtts[5:])
+    return kept[len(kept) // 2], kept[min(len(kept) - 1, int(len(kept) * 0.99))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=3000)
     parser.add_argument("--streams", type=int, default=50)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--pace", type=float, default=0.01)
+    parser.add_argument("--pings", type=int, default=200)
+    parser.add_argument("--gap", type=float, default=0.02)
     parser.add_argument("--serve", choices=("grpc", "ws"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         uvloop.run(grpc_server() if args.serve == "grpc" else ws_server())
         return
     sides: dict[str, tuple[float, float]] = {}
+    rtt: dict[str, tuple[float, float]] = {}
     for kind in ("ws", "grpc"):
         server = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", kind], stdout=subprocess.PIPE, text=True)
         try:
@@ -146,6 +191,7 @@ def main() -> None:
             port = int(server.stdout.readline())
             time.sleep(0.5)
             sides[kind] = uvloop.run(measure(kind, port, server.pid, args.connections))
+            rtt[kind] = uvloop.run(measure_rtt(kind, port, args.pings, args.gap))
             if kind == "grpc":
                 cpu = uvloop.run(measure_cpu(port, server.pid, args.streams, args.messages, args.pace))
         finally:
@@ -165,6 +211,10 @@ def main() -> None:
     print(f"{args.streams} bidi calls x {args.messages} messages {args.pace * 1000:g} ms apart, CPU us per message:")
     print(f"  {'grpc.aio server, writing':<54}{cpu[0]:6.1f}")
     print(f"  {'grpc.aio client, reading':<54}{cpu[1]:6.1f}")
+    print(f"round trip of one small message, one every {args.gap * 1000:g} ms, us p50 / p99:")
+    for kind, label in (("grpc", "grpc.aio bidi call"), ("ws", "websockets")):
+        p50, p99 = rtt[kind]
+        print(f"  {label:<54}{p50:6.0f} / {p99:.0f}")
 
 if __name__ == "__main__":
     main()

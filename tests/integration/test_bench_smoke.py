@@ -90,7 +90,7 @@ async def test_openai_sdk_reads_the_bench_fake_upstream() -> None:
 @pytest.mark.timeout(60)
 def test_bench_floor_measures_every_side() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "bench.floor", "--connections", "50", "--streams", "5", "--messages", "20", "--pace", "0.001"],
+        [sys.executable, "-m", "bench.floor", "--connections", "50", "--streams", "5", "--messages", "20", "--pace", "0.001", "--pings", "10", "--gap", "0.001"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -98,4 +98,4 @@ def test_bench_floor_measures_every_side() -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
-    assert len(rows) == 6 and all(math.isfinite(float(line.split()[-1])) for line in rows), run.stdout
+    assert len(rows) == 8 and all(math.isfinite(float(line.split()[-1])) for line in rows), run.stdout
