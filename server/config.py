@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ from server.routing.policy import (
 BUILTIN_MODELS = ("demo", "demo-fast")
 
 _E = TypeVar("_E", bound=enum.Enum)
+
+# A deployment's extra request headers: an RFC 9110 token as the name, one line of text as the value.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
 
 
 class ConfigError(Exception):
@@ -314,9 +319,7 @@ class _Parser:
             timeouts = self.timeouts(fields["timeouts"], timeouts)
         headers: tuple[tuple[str, str], ...] = ()
         if "headers" in fields:
-            headers = tuple(
-                (name, self.string(value)) for name, value in self.mapping(fields["headers"], "headers", None).items()
-            )
+            headers = tuple(self.header(name, value) for name, value in self.mapping(fields["headers"], "headers", None).items())
         api_version = self.string(fields["api_version"]) if "api_version" in fields else ""
         name = self.string(fields["name"]) if "name" in fields else f"{public}#{index + 1}"
         info = DeploymentInfo(name, provider_name, upstream, weight)
@@ -324,6 +327,16 @@ class _Parser:
         return DeploymentSpec(public, info, endpoint)
 
     # -- typed readers --
+
+    def header(self, name: str, node: yaml.Node) -> tuple[str, str]:
+        """One extra request header: an RFC 9110 token for the name, visible latin-1 text for the
+        value (what fits on an HTTP/1.1 header line)."""
+        value = self.string(node)
+        if not _HEADER_NAME.fullmatch(name):
+            raise self.error(node, f"header name {name!r} is not a valid HTTP token")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise self.error(node, f"header {name!r}: the value must be printable latin-1 text on one line")
+        return name, value
 
     def mapping(self, node: yaml.Node, what: str, allowed: frozenset[str] | None) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):

@@ -148,8 +148,9 @@ class _NativeUpstream:
         self._pool.aclose()
 
 
-# What a path may hold unescaped (RFC 3986 pchar and "/"); anything else is percent-encoded.
+# What a path and a query may hold unescaped (RFC 3986 3.3, 3.4); the rest is percent-encoded.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 def _target_and_host(url: str) -> tuple[bytes, bytes]:
@@ -157,7 +158,7 @@ def _target_and_host(url: str) -> tuple[bytes, bytes]:
     parts = urlsplit(url)
     target = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:
-        target += "?" + parts.query
+        target += "?" + quote(parts.query, safe=_QUERY_SAFE)
     host = parts.netloc.rpartition("@")[2]
     return target.encode("ascii"), host.encode("ascii") if host.isascii() else host.encode("idna")
 

@@ -152,6 +152,7 @@ def test_request_bytes():
         ("https://user@api.example", b"/", b"api.example"),
         ("https://bücher.example/x", b"/x", b"xn--bcher-kva.example"),
         ("http://[::1]:9/a%2Fb", b"/a%2Fb", b"[::1]:9"),
+        ("http://h/p?api-version=2024-10-21&x=a b", b"/p?api-version=2024-10-21&x=a%20b", b"h"),
     ],
 )
 def test_request_target_and_host_of_a_url(url, target, host):
