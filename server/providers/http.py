@@ -23,9 +23,9 @@ body cannot go back to the pool, so the connection is closed and the provider se
 disconnect at once, which is how it stops generating (and billing). After a normal finish the
 rest of the body (the chunked terminator) is drained first so the connection is reused.
 
-Transport. Adapters build an `UpstreamRequest` (plain data); `Upstream.open` sends it. The default, `native`,
-is our own HTTP/1.1 client (h1.py's sans-I/O parser under h1pool.py's connection pool): it
-costs less than half the CPU of aiohttp per request opened and the same per token (see
+Transport. Adapters build an `UpstreamRequest` (plain data); `Upstream.open` sends it. The
+default, `native`, is our own HTTP/1.1 client (h1.py's sans-I/O parser under h1pool.py's
+connection pool): about a third of aiohttp's CPU per request opened, and less per token (see
 tests/fakes/bench_driver.py and docs/configuration.md). `transport: aiohttp` uses httpx's API
 over aiohttp (`httpx-aiohttp`); `transport: httpx` uses httpx's own transport, with HTTP/2 when
 `http2: true` and the `h2` package is installed.
