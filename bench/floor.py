@@ -18,6 +18,11 @@ CPU time of each process (all threads) per message.
 Latency: a round trip (a small message out, echoed back) on one bidi call and on one WebSocket,
 one every `--gap` seconds so both processes are idle in between, as they are between the tokens
 of one paced stream; median and p99 of `--pings`.
+
+Burst: `--streams` open bidi calls (and as many WebSockets) each send one message at once, and
+each is answered with two (as a start is answered with `started` and the first token): the time
+until the last call has both, median over rounds. That is the start of workload (iii) on one
+hop with nothing else in it; the chain has two such hops and an upstream request per stream.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from bench.system import cpu_s, rss_kb
 METHOD = "/bench.Floor/Stream"
 PACED = "/bench.Floor/Paced"
 ECHO = "/bench.Floor/Echo"
+BURST = "/bench.Floor/Burst"
+BURST_ROUNDS = 7
 
 
 async def grpc_server() -> None:
@@ -61,12 +68,20 @@ async def grpc_server() -> None:
         async for message in requests:
             await context.write(message)
 
+    async def burst(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.read()
+        await context.write(b"started")
+        await context.write(b"x" * 40)  # about a token frame
+        async for _ in requests:
+            pass
+
     handler = grpc.method_handlers_generic_handler(
         "bench.Floor",
         {
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
             "Paced": grpc.stream_stream_rpc_method_handler(paced),
             "Echo": grpc.stream_stream_rpc_method_handler(echo),
+            "Burst": grpc.stream_stream_rpc_method_handler(burst),
         },
     )
     server = grpc.aio.server()
@@ -82,7 +97,11 @@ async def ws_server() -> None:
         await ws.send("hello")
         try:
             async for message in ws:
-                await ws.send(message)
+                if message == "start":  # answered as a start is: two frames
+                    await ws.send("started")
+                    await ws.send("x" * 40)
+                else:
+                    await ws.send(message)
         except ConnectionClosed:
             pass
 
@@ -169,6 +188,46 @@ async def measure_rtt(kind: str, port: int, pings: int, gap: float) -> tuple[flo
     return kept[len(kept) // 2], kept[min(len(kept) - 1, int(len(kept) * 0.99))]
 
 
+async def measure_burst(kind: str, port: int, streams: int) -> float:
+    """Median over rounds of the time (us) until the last of `streams` simultaneous starts has
+    its two answers."""
+    lasts: list[float] = []
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}") if kind == "grpc" else None
+    for _ in range(BURST_ROUNDS):
+        if channel is not None:
+            calls = [channel.stream_stream(BURST)() for _ in range(streams)]
+            await asyncio.sleep(0.2)  # every call set up before the clock starts
+            t0 = time.perf_counter_ns()
+
+            async def one_call(call: Any) -> None:
+                await call.write(b"s" * 100)  # about a start frame
+                await call.read()
+                await call.read()
+
+            await asyncio.gather(*(one_call(call) for call in calls))
+            lasts.append((time.perf_counter_ns() - t0) / 1000)
+            for call in calls:
+                call.cancel()
+        else:
+            sockets = [await connect(f"ws://127.0.0.1:{port}", compression=None, ping_interval=None) for _ in range(streams)]
+            await asyncio.gather(*(ws.recv() for ws in sockets))
+            await asyncio.sleep(0.2)
+            t0 = time.perf_counter_ns()
+
+            async def one_ws(ws: ClientConnection) -> None:
+                await ws.send("start")
+                await ws.recv()
+                await ws.recv()
+
+            await asyncio.gather(*(one_ws(ws) for ws in sockets))
+            lasts.append((time.perf_counter_ns() - t0) / 1000)
+            await asyncio.gather(*(ws.close() for ws in sockets))
+        await asyncio.sleep(0.1)
+    if channel is not None:
+        await channel.close()
+    return sorted(lasts)[len(lasts) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=3000)
@@ -184,6 +243,7 @@ def main() -> None:
         return
     sides: dict[str, tuple[float, float]] = {}
     rtt: dict[str, tuple[float, float]] = {}
+    burst: dict[str, float] = {}
     for kind in ("ws", "grpc"):
         server = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", kind], stdout=subprocess.PIPE, text=True)
         try:
@@ -192,6 +252,7 @@ def main() -> None:
             time.sleep(0.5)
             sides[kind] = uvloop.run(measure(kind, port, server.pid, args.connections))
             rtt[kind] = uvloop.run(measure_rtt(kind, port, args.pings, args.gap))
+            burst[kind] = uvloop.run(measure_burst(kind, port, args.streams))
             if kind == "grpc":
                 cpu = uvloop.run(measure_cpu(port, server.pid, args.streams, args.messages, args.pace))
         finally:
@@ -215,6 +276,9 @@ def main() -> None:
     for kind, label in (("grpc", "grpc.aio bidi call"), ("ws", "websockets")):
         p50, p99 = rtt[kind]
         print(f"  {label:<54}{p50:6.0f} / {p99:.0f}")
+    print(f"{args.streams} starts at once, one message in and two out each: us until the last is answered (median of {BURST_ROUNDS}):")
+    for kind, label in (("grpc", "grpc.aio bidi calls"), ("ws", "websockets")):
+        print(f"  {label:<54}{burst[kind]:6.0f}")
 
 if __name__ == "__main__":
     main()

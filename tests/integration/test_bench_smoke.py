@@ -98,4 +98,4 @@ def test_bench_floor_measures_every_side() -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
-    assert len(rows) == 8 and all(math.isfinite(float(line.split()[-1])) for line in rows), run.stdout
+    assert len(rows) == 10 and all(math.isfinite(float(line.split()[-1])) for line in rows), run.stdout
