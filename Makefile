@@ -86,7 +86,7 @@ bench: install-test
 	$(PY) -m bench.run --out bench/results
 	@echo "== the same chain without analytics (metrics, request log, live stats): their cost =="
 	$(PY) -m bench.run --only A50,iv,iii_200 --server-arg=--no-analytics --out bench/results/no-analytics
-	@echo "== the libraries' own memory per idle connection: the floor under (v) =="
+	@echo "== grpc.aio and websockets on their own (memory per idle connection, CPU per message, round trip, burst of starts): the floor =="
 	$(PY) -m bench.floor | tee bench/results/floor.txt
 
 clean:

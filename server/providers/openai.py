@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-
 from server.core.events import (
     Finished,
     FinishReason,
