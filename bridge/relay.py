@@ -129,12 +129,15 @@ class RelayLink:
                 self._end()
             if was_up and self._got_data:
                 delay = self._retry_initial_s
-            code = call.code() if call.done() else None
-            reason = next((repr(o) for o in outcome if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)), "")
-            if code == grpc.StatusCode.UNAUTHENTICATED:
+            for o in outcome:
+                if isinstance(o, Exception) and not isinstance(o, grpc.aio.AioRpcError):
+                    log.error("relay call failed with an internal error", exc_info=o)
+            failure = next((o for o in outcome if isinstance(o, grpc.aio.AioRpcError)), None)
+            if failure is not None and failure.code() == grpc.StatusCode.UNAUTHENTICATED:
                 log.error("the server refused the relay token (check --relay-token-file on both sides)")
             else:
-                log.warning("relay call ended (%s%s); re-opening in %.2fs", code.name if code else "cancelled", f", {reason}" if reason else "", delay)
+                why = f"{failure.code().name}: {failure.details()}" if failure is not None else "closed by the server"
+                log.warning("relay call ended (%s); re-opening in %.2fs", why, delay)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self._retry_max_s)
 
