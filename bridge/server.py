@@ -322,8 +322,14 @@ class WSLink:
         if ws.protocol.state is not State.OPEN:
             self.outbox.take()
             return
+        try:
+            encoded = self.outbox.take()
+        except Exception:  # a frame this bridge cannot encode (a newer server, an empty frame)
+            log.error("cannot encode a server frame; closing the connection", exc_info=True)
+            self.fail(pb.ERROR_CODE_INTERNAL, "the bridge could not encode a frame from the server")
+            return
         send_text = ws.protocol.send_text
-        for data in self.outbox.take():
+        for data in encoded:
             send_text(data)
         ws.send_data()
         if ws.paused:  # the socket's buffer is full: hold what comes next here
@@ -368,7 +374,7 @@ class WSLink:
         if self._drainer is not None:  # the client is not reading: no goodbye can reach it
             self.ws.transport.abort()
             return
-        self.outbox.take()
+        self.outbox = Outbox()  # nothing queued goes out after the error
         self.outbox.push_encoded(encode_error(code, message, retryable=code in RETRYABLE_ENDS))
         self.flush()
         asyncio.get_running_loop().create_task(self.ws.close(END_CLOSE.get(code, INTERNAL_CLOSE), message[:120]))

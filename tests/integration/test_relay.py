@@ -260,3 +260,25 @@ async def test_idle_connections_survive_many_keepalive_periods():
     finally:
         bridge.stop()
         server.stop()
+
+
+async def test_a_session_resumed_on_another_connection_closes_the_old_one_saying_so():
+    server = start_server(*PACED)
+    bridge = start_bridge(server.address)
+    try:
+        async with open_ws(bridge.address) as old, open_ws(bridge.address) as new:
+            await send(old, start_frame("a", max_tokens=500))
+            while (await recv(old))["type"] != "token":
+                pass
+            s = old.session
+            await send(new, {"type": "resume", "session_id": s["session_id"], "resume_token": s["resume_token"], "streams": {"a": 0}})
+            assert (await recv(new))["type"] == "resumed"
+            last = None
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    last = await recv(old)
+            assert last is not None and last["type"] == "error" and last["code"] == "resumed_elsewhere", last
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4001
+    finally:
+        bridge.stop()
+        server.stop()
