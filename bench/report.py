@@ -165,7 +165,7 @@ def to_markdown(meta: dict[str, Any], results: dict[str, WorkloadResult], idle: 
             f"| {idle.sessions:,} | {idle.opened:,} | {idle.held:,} | {idle.dropped:,} | {idle.connect_s} | {idle.hold_s} | "
             f"{idle.ping_interval_s} | {_f(idle.bridge_kb_per_session, 1)} | {_f(idle.server_kb_per_session, 1)} | {_f(idle.kb_per_session, 1)} |",
         ]
-    lines += ["", "## Issue 7 targets (chain = ws path)", "", "| target | limit | measured | met |", "|---|---|---:|---|"]
+    lines += ["", "## Targets of the relay issue (chain = ws path)", "", "| target | limit | measured | met |", "|---|---|---:|---|"]
     for t in targets(results, idle):
         met = "n/a" if t.met is None else ("yes" if t.met else "**no**")
         lines.append(f"| {t.name} | {t.limit} | {_f(t.measured, 3)} | {met} |")
