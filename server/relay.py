@@ -78,6 +78,8 @@ class RelayCall:
         self._dirty: dict[RelayedConnection, None] = {}  # ordered set
         self._ended: list[pb.RelayDownEntry] = []
         self._wake = asyncio.Event()
+        self.messages_written = 0
+        self.entries_written = 0
 
     def mark_dirty(self, connection: RelayedConnection) -> None:
         self._dirty[connection] = None
@@ -201,6 +203,8 @@ class RelayCall:
                 entries.extend(self._ended)
                 self._ended = []
             if entries:
+                self.messages_written += 1
+                self.entries_written += len(entries)
                 await write(batch)
 
 
@@ -222,7 +226,10 @@ class RelayServicer(pb_grpc.RelayServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the relay is for llmproxy bridges holding the relay token")
         peer = context.peer()
         log.info("relay opened by %s", peer)
+        call = RelayCall(self._service, context)
         try:
-            await RelayCall(self._service, context).run()
+            await call.run()
         finally:
-            log.info("relay from %s ended", peer)
+            log.info(
+                "relay from %s ended: %d messages carried %d entries to the bridge", peer, call.messages_written, call.entries_written
+            )
