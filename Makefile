@@ -13,12 +13,36 @@ METRICS_ADDR ?= 127.0.0.1:9464
 APT_PACKAGES := chromium redis-server
 NPM_DIR := clients/js
 
-.PHONY: install install-test protos run test test-unit test-integration bench typecheck clean
+PYTHON_MIN := 3.11
+
+.PHONY: check-python install install-test protos run test test-unit test-integration bench typecheck clean
+
+## check-python: Python >= 3.11 (pyproject's requires-python), checked before anything is built,
+## so an older python3 is named at once instead of failing late in the stub generation or pip.
+## An existing .venv is checked too (one made by an older Python is stale: `make clean`).
+check-python:
+	@set -u; \
+	if [ -x $(PY) ]; then py=$(PY); else py='$(PYTHON)'; fi; \
+	v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || v=""; \
+	major=$${v%%.*}; minor=$${v#*.}; \
+	if ! [[ "$$v" =~ ^[0-9]+\.[0-9]+$$ ]]; then \
+	  echo "llmproxy needs Python $(PYTHON_MIN) or newer, and '$$py' did not run as a Python interpreter." >&2; \
+	  echo "Install Python $(PYTHON_MIN)+ and pass it: make $(or $(MAKECMDGOALS),install) PYTHON=python$(PYTHON_MIN)" >&2; \
+	  exit 1; \
+	elif [ "$$major" -lt 3 ] || { [ "$$major" -eq 3 ] && [ "$$minor" -lt $(word 2,$(subst ., ,$(PYTHON_MIN))) ]; }; then \
+	  echo "llmproxy needs Python $(PYTHON_MIN) or newer; '$$py' is Python $$v." >&2; \
+	  if [ "$$py" = "$(PY)" ]; then \
+	    echo "$(VENV) was made by that Python: make clean, then make $(or $(MAKECMDGOALS),install) PYTHON=python$(PYTHON_MIN)" >&2; \
+	  else \
+	    echo "Install Python $(PYTHON_MIN)+ and pass it: make $(or $(MAKECMDGOALS),install) PYTHON=python$(PYTHON_MIN)" >&2; \
+	  fi; \
+	  exit 1; \
+	fi
 
 ## install: virtual environment, Python packages, generated stubs.
 install: $(VENV)/.stamp-install
 
-$(VENV)/.stamp-venv:
+$(VENV)/.stamp-venv: | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	touch $@
