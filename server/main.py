@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import random
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -50,6 +51,7 @@ class Options:
     tls_cert: str = ""  # PEM certificate chain; with tls_key: gRPC over TLS
     tls_key: str = ""
     analytics: bool = True  # metrics, request log, live stats
+    routing_seed: int | None = None  # seeds the router's choices (tests); None: unseeded
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -76,6 +78,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--tls-cert", default="", help="PEM certificate chain for gRPC over TLS")
     parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -109,6 +112,7 @@ def parse_args(argv: list[str] | None) -> Options:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         analytics=not args.no_analytics,
+        routing_seed=args.routing_seed,
     )
 
 
@@ -144,7 +148,7 @@ def check_exposure(options: Options) -> None:
 async def serve(options: Options) -> None:
     config = options.config
     catalog = build_catalog(config)
-    router = Router(catalog)
+    router = Router(catalog, rng=None if options.routing_seed is None else random.Random(options.routing_seed))
     server = grpc.aio.server(
         options=[
             # Bridges keep their channel alive with pings; allow them without calls, no more
