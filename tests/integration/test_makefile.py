@@ -75,3 +75,16 @@ def test_python_311_and_newer_pass_the_check(tmp_path, version):
 def test_this_interpreter_passes_the_check(tmp_path):
     out = make("check-python", f"PYTHON={sys.executable}", f"VENV={tmp_path / 'venv'}")
     assert out.returncode == 0, out.stderr
+
+
+def test_install_targets_install_from_the_hash_checked_locks_only(tmp_path):
+    # -n: print the recipes, run nothing. Every pip install is either hash-checked from a lock
+    # file or the project itself without dependencies and without a build environment to fetch.
+    out = make("-n", "install-test", f"PYTHON={sys.executable}", f"VENV={tmp_path / 'venv'}")
+    assert out.returncode == 0, out.stderr
+    installs = [line for line in out.stdout.splitlines() if "/pip install" in line]
+    assert any("--require-hashes -r requirements/run.lock" in line for line in installs), installs
+    assert any("--require-hashes -r requirements/test.lock" in line for line in installs), installs
+    for line in installs:
+        assert "--require-hashes" in line or ("--no-deps" in line and "--no-build-isolation" in line and line.endswith("-e .")), line
+    assert out.stdout.index("requirements/run.lock") < out.stdout.index("grpc_tools.protoc"), "stubs are built by the locked grpcio-tools"
