@@ -33,7 +33,7 @@ def fake_python(tmp_path: Path, version: str) -> Path:
 
 
 def make(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     return subprocess.run([MAKE or "make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
