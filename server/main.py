@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import random
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -55,6 +56,7 @@ class Options:
     analytics: bool = True  # metrics, request log, live stats
     relay_token_file: str = ""  # the bridges' shared secret for the Relay RPC; empty: relay off
     min_ping_interval_ms: int = 10_000  # the least gap between a client's keepalive pings
+    routing_seed: int | None = None  # seeds the router's choices (tests); None: unseeded
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -87,6 +89,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--grpc-min-ping-interval-ms", type=int, default=10_000, help="clients may send keepalive pings this often (bridges: 30 s)"
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -122,6 +125,7 @@ def parse_args(argv: list[str] | None) -> Options:
         analytics=not args.no_analytics,
         relay_token_file=args.relay_token_file,
         min_ping_interval_ms=args.grpc_min_ping_interval_ms,
+        routing_seed=args.routing_seed,
     )
 
 
@@ -186,7 +190,7 @@ def check_exposure(options: Options) -> None:
 async def serve(options: Options) -> None:
     config = options.config
     catalog = build_catalog(config)
-    router = Router(catalog)
+    router = Router(catalog, rng=None if options.routing_seed is None else random.Random(options.routing_seed))
     relay_token = read_secret(options.relay_token_file) if options.relay_token_file else ""
     server = grpc.aio.server(options=server_options(options.min_ping_interval_ms))
     metrics = Metrics()
