@@ -55,7 +55,7 @@ from websockets.typing import Subprotocol
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
-from bridge.codec import FrameError, decode_client_frame, encode_error
+from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame, encode_token
 from bridge.outbox import Outbox
 from bridge.relay import RelayLink
 
@@ -240,7 +240,7 @@ class WSLink:
 
     __slots__ = (
         "ws", "conn", "opening", "outbox", "session", "positions", "starts", "reattaching",
-        "waiting_since", "blocked_since", "_relay", "_drainer", "_asked", "_ending", "_max_pending",
+        "waiting_since", "blocked_since", "_relay", "_drainer", "_asked", "_ending", "_max_pending", "_ready",
     )
 
     def __init__(self, ws: ServerConnection, relay: RelayLink, opening: pb.RelayOpen, max_pending: int) -> None:
@@ -248,7 +248,8 @@ class WSLink:
         self._relay = relay
         self.opening = opening  # credential, origin and peer, for every (re-)open
         self.conn = 0
-        self.outbox = Outbox()
+        self.outbox = Outbox()  # what waits while the socket is blocked
+        self._ready: list[bytes] = []  # this batch's frames, encoded, while the socket is not
         self.session: tuple[str, str] | None = None
         self.positions: dict[str, int] = {}
         self.starts: dict[str, pb.ClientFrame] = {}
@@ -275,18 +276,31 @@ class WSLink:
 
     def reply(self, data: bytes) -> None:
         """A frame of the bridge's own (an error about a client frame), in order with the rest."""
-        self.outbox.push_encoded(data)
+        if self._drainer is None:
+            self._ready.append(data)
+        else:
+            self.outbox.push_encoded(data)
         self.flush()
 
     # -- from the relay --------------------------------------------------------------------------
 
     def deliver(self, frame: pb.ServerFrame) -> None:
+        if self._ending:
+            return
         self.waiting_since = 0.0
         kind = frame.WhichOneof("kind")
-        if kind == "token":
+        if kind == "token":  # the hot path: track, encode, queue
             token = frame.token
             self.positions[token.stream_id] = token.seq
-        elif kind == "session":
+            if self._drainer is None:
+                try:
+                    self._ready.append(encode_token(frame))
+                except Exception:
+                    self._broken()
+                return
+            self.outbox.push(frame)
+            return
+        if kind == "session":
             self.session = (frame.session.session_id, frame.session.resume_token)
         elif kind == "resumed":
             if self.reattaching:  # our own resume, on the client's behalf: keep it to ourselves
@@ -309,32 +323,49 @@ class WSLink:
                     self.positions.pop(sid, None)
             elif sid and inner.seq:
                 self.positions[sid] = inner.seq
-        self.outbox.push(frame)
+        if self._drainer is None:
+            try:
+                self._ready.append(encode_server_frame(frame))
+            except Exception:  # a frame this bridge cannot encode (a newer server, an empty frame)
+                self._broken()
+        else:
+            self.outbox.push(frame)
+
+    def _broken(self) -> None:
+        log.error("cannot encode a server frame; closing the connection", exc_info=True)
+        self.fail(pb.ERROR_CODE_INTERNAL, "the bridge could not encode a frame from the server")
 
     def flush(self) -> None:
+        """Writes what this batch brought (one socket write for all of it), or, while the socket
+        is blocked, leaves it in the outbox."""
         if self._drainer is not None:  # waiting for the socket: the outbox holds it
             if self.over_limit():
                 self.cut("too much unsent output")
             return
-        if not self.outbox:
+        ready = self._ready
+        if not ready:
             return
         ws = self.ws
         if ws.protocol.state is not State.OPEN:
-            self.outbox.take()
-            return
-        try:
-            encoded = self.outbox.take()
-        except Exception:  # a frame this bridge cannot encode (a newer server, an empty frame)
-            log.error("cannot encode a server frame; closing the connection", exc_info=True)
-            self.fail(pb.ERROR_CODE_INTERNAL, "the bridge could not encode a frame from the server")
+            ready.clear()
             return
         send_text = ws.protocol.send_text
-        for data in encoded:
+        for data in ready:
             send_text(data)
+        ready.clear()
         ws.send_data()
         if ws.paused:  # the socket's buffer is full: hold what comes next here
             self.blocked_since = time.monotonic()
             self._drainer = asyncio.create_task(self._drain())
+
+    def _send_outbox(self) -> None:
+        """The socket can take more: what waited in the outbox goes first, encoded once."""
+        try:
+            self._ready[:0] = self.outbox.take()
+        except Exception:
+            self._broken()
+            return
+        self.flush()
 
     async def _drain(self) -> None:
         ws = self.ws
@@ -345,10 +376,8 @@ class WSLink:
                     continue
                 self.blocked_since = 0.0
                 self._drainer = None
-                if not self.outbox:
-                    return
-                self.flush()
-                return  # flush started a new drainer if the socket filled up again
+                self._send_outbox()
+                return  # a new drainer was started if the socket filled up again
         except (ConnectionError, OSError):
             pass
         finally:
@@ -375,7 +404,7 @@ class WSLink:
             self.ws.transport.abort()
             return
         self.outbox = Outbox()  # nothing queued goes out after the error
-        self.outbox.push_encoded(encode_error(code, message, retryable=code in RETRYABLE_ENDS))
+        self._ready = [encode_error(code, message, retryable=code in RETRYABLE_ENDS)]
         self.flush()
         asyncio.get_running_loop().create_task(self.ws.close(END_CLOSE.get(code, INTERNAL_CLOSE), message[:120]))
 
