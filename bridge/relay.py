@@ -71,8 +71,8 @@ class RelayLink:
         self._next_conn = 1
         self._batch = pb.RelayUp()
         self._wake = asyncio.Event()
-        self.up = False
-        self._got_data = False  # the current call has delivered something
+        self._open = False  # a call is open: entries go out on it
+        self.up = False  # ... and the server accepted it (its first, empty, message arrived)
         self.opened = asyncio.Event()  # set once the first call is up (tests, start-up)
         self.calls_opened = 0
 
@@ -86,7 +86,7 @@ class RelayLink:
         conn = self._next_conn
         self._next_conn += 1
         self._links[conn] = link
-        if self.up:
+        if self._open:
             self._batch.entries.add(conn=conn, open=open_)
             self._wake.set()
         # else: `reopen` gives its open entry once a call is up
@@ -95,12 +95,12 @@ class RelayLink:
     def send(self, conn: int, frame: pb.ClientFrame) -> None:
         if conn in self._links:
             self._batch.entries.add(conn=conn, frame=frame)
-            if self.up:
+            if self._open:
                 self._wake.set()
 
     def close(self, conn: int, end_session: bool) -> None:
         """The client connection is gone (or cut by the bridge). Idempotent."""
-        if self._links.pop(conn, None) is not None and self.up:
+        if self._links.pop(conn, None) is not None and self._open:
             self._batch.entries.add(conn=conn, close=pb.RelayClose(end_session=end_session))
             self._wake.set()
 
@@ -127,7 +127,7 @@ class RelayLink:
                 outcome = await asyncio.gather(reader, writer, return_exceptions=True)
                 was_up = self.up
                 self._end()
-            if was_up and self._got_data:
+            if was_up:
                 delay = self._retry_initial_s
             for o in outcome:
                 if isinstance(o, Exception) and not isinstance(o, grpc.aio.AioRpcError):
@@ -143,8 +143,7 @@ class RelayLink:
 
     def _begin(self) -> None:
         """A new call: every link opens again, then the frames queued meanwhile."""
-        self.up = True
-        self._got_data = False
+        self._open = True
         self.calls_opened += 1
         pending = self._batch
         self._batch = batch = pb.RelayUp()
@@ -154,12 +153,11 @@ class RelayLink:
             if entry.WhichOneof("kind") == "frame" and entry.conn in self._links:
                 batch.entries.append(entry)
         self._wake.set()
-        self.opened.set()
 
     def _end(self) -> None:
-        if not self.up:
+        if not self._open:
             return
-        self.up = False
+        self._open = self.up = False
         for link in list(self._links.values()):
             link.relay_lost()
 
@@ -179,7 +177,9 @@ class RelayLink:
             batch = await read()
             if batch is grpc.aio.EOF:
                 return
-            self._got_data = True
+            if not self.up:  # the server's first message (empty): it accepted the call
+                self.up = True
+                self.opened.set()
             touched: dict[Link, None] = {}
             for entry in batch.entries:
                 link = links.get(entry.conn)

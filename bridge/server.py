@@ -23,7 +23,8 @@ never `null`. Every refused handshake is logged with the origin and the flag tha
 `/stats` is a second WebSocket endpoint: one `WatchStats` subscription per connection, each
 snapshot sent as one JSON frame (the dashboard's feed; no keys, no prompt text).
 
-Plain HTTP on the same port: `/healthz`, the demo chat page at `/`, its static files, and the
+Plain HTTP on the same port: `/healthz` (the process serves), `/readyz` (its relay to the server
+is open: 503 otherwise, for load balancers), the demo chat page at `/`, its static files, and the
 JavaScript client under `/js/`. Every other path gets the same 404.
 """
 
@@ -539,8 +540,12 @@ class Bridge:
                 )
                 return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
             return None  # go on with the WebSocket handshake
-        if path == "/healthz":
+        if path == "/healthz":  # liveness: the process serves
             return _response(http.HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+        if path == "/readyz":  # readiness: the relay to the server is open (load balancers)
+            if self.relay.up:
+                return _response(http.HTTPStatus.OK, b"ready\n", "text/plain; charset=utf-8")
+            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"the relay to the server is not open\n", "text/plain; charset=utf-8")
         found = self._static.get(path)
         if found is None:
             return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")

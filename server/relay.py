@@ -96,6 +96,7 @@ class RelayCall:
         self._wake.set()
 
     async def run(self) -> None:
+        await self._context.write(pb.RelayDown())  # accepted: the bridge may count on this call
         writer = asyncio.create_task(self._write_loop())
         try:
             reader = asyncio.create_task(self._read_loop())

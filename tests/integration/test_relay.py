@@ -136,6 +136,14 @@ async def test_a_cut_relay_is_reopened_and_every_stream_continues_exactly():
         server.stop()
 
 
+async def readyz(port: int) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status = int((await reader.readline()).split()[1])
+    writer.close()
+    return status
+
+
 async def test_a_killed_server_gives_a_typed_error_and_a_clean_close_then_service_resumes():
     server = start_server(*PACED)
     port = server.port
@@ -150,6 +158,7 @@ async def test_a_killed_server_gives_a_typed_error_and_a_clean_close_then_servic
         for ws in sockets:
             while (await recv(ws))["type"] != "token":
                 pass
+        assert await readyz(bridge.port) == 200
         server.kill()
         for ws in sockets:
             last = None
@@ -158,6 +167,7 @@ async def test_a_killed_server_gives_a_typed_error_and_a_clean_close_then_servic
                     last = orjson.loads(await asyncio.wait_for(ws.recv(), 15))
             assert last is not None and last["type"] == "error" and last["code"] in ("unavailable", "expired"), last
             assert info.value.rcvd is not None and info.value.rcvd.code in (1012, 1013)  # a close frame: a clean close
+        assert await readyz(bridge.port) == 503  # load balancers send no one here meanwhile
         # A server comes back on the same port: new connections stream again.
         server = start_server(*PACED, "--listen", f"127.0.0.1:{port}")
         deadline = time.monotonic() + 15
