@@ -84,6 +84,12 @@ class Breaker:
             self._move(Move.COOL, now_s)
         return self.state
 
+    def open_until(self, now_s: float) -> float:
+        """When an open breaker turns half-open (`now_s` when it is not open)."""
+        if self.current(now_s) is BreakerState.OPEN:
+            return self.opened_at + self.policy.cooldown_s
+        return now_s
+
     def available(self, now_s: float) -> bool:
         """Whether `allow()` would grant an attempt now (does not take a probe slot)."""
         state = self.current(now_s)
