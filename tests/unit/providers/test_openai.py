@@ -156,8 +156,18 @@ def test_malformed_event_and_missing_done():
     with pytest.raises(MalformedStream):
         feed('{"choices": [')
     decoder, _ = feed({"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]})
-    with pytest.raises(StreamCut):
+    with pytest.raises(StreamCut):  # a finish_reason without the usage chunk: not the end
         decoder.end()
+    decoder, _ = feed({"choices": [{"delta": {"content": "x"}}]})
+    decoder.feed(SSEEvent(json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})))
+    with pytest.raises(StreamCut):  # usage without a finish_reason: cut
+        decoder.end()
+
+
+def test_finish_reason_and_usage_without_done_is_finished():
+    decoder, _ = feed({"choices": [{"delta": {"content": "x"}, "finish_reason": "length"}]})
+    decoder.feed(SSEEvent(json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})))
+    assert decoder.end() == [Finished(FinishReason.LENGTH)]
 
 
 @pytest.mark.parametrize(
