@@ -135,11 +135,15 @@ class Router:
         return ""
 
     def breaker_states(self) -> dict[str, str]:
-        """The breaker state of every configured deployment, by name (for /metrics)."""
+        """The breaker state of every configured deployment, by name (for /metrics). It changes
+        nothing, so the metrics server may call it from its own thread."""
+        now = self._clock()
+        known = dict(self._deployments)  # one C-level copy: the loop thread may add entries
         out: dict[str, str] = {}
         for model in self._catalog.names():
-            for status in self.deployment_states(model):
-                out.setdefault(status.name, status.breaker)
+            for backend in self._catalog.backends(model):
+                dep = known.get(id(backend))
+                out.setdefault(backend.info.name, dep.breaker.peek(now).value if dep is not None else "closed")
         return out
 
     def deployment_states(self, model: str) -> list[DeploymentStatus]:

@@ -191,3 +191,10 @@ def test_a_quiet_server_gets_min_concurrent_retries_a_window_and_repays_them():
         budget.start_request(0.6 + i * 0.01)
     assert budget.try_acquire(0.7)  # one token deposited after the debt was paid
     assert budget.try_acquire(1.5)  # a new window: the floor again
+
+
+def test_peek_reads_the_state_without_moving_the_breaker():
+    b = Breaker(BreakerPolicy(failures=1, cooldown_s=1))
+    b.record(b.allow(0.0), False, 0.0)
+    assert b.peek(2.0) is BreakerState.HALF_OPEN and b.state is BreakerState.OPEN
+    assert b.open_until(0.5) == 1.0 and b.open_until(2.0) == 2.0
