@@ -229,6 +229,10 @@ async def test_cut_after_40_of_60_tokens_continues_without_repeating(chain, fake
     # (it reported none: its content events count) + the continuation's own 10 (and its prompt)
     assert (done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]) == (14, 50), done["usage"]
     assert done["timing"]["attempts"] == 2
+    # the token usage metric carries the same count (the request log's row comes from the same record)
+    usage_line = 'gen_ai_client_token_usage_sum{gen_ai_provider_name="openai",gen_ai_request_model="cut-cont",gen_ai_token_type="output"}'
+    await wait_for(lambda: usage_line in metrics_text(chain))
+    assert f"{usage_line} 50.0" in metrics_text(chain)
 
 
 async def test_stall_after_20_tokens_is_a_timeout_with_partial_usage(chain, fake):

@@ -101,3 +101,11 @@ def test_routing_notes_become_counters_and_breaker_states_a_gauge():
     assert 'llmproxy_breaker_state{deployment="b"} 2.0' in text and 'llmproxy_breaker_state{deployment="a"} 0.0' in text
     router.states["b"] = "half_open"  # read at scrape time
     assert 'llmproxy_breaker_state{deployment="b"} 1.0' in m.exposition().decode()
+
+
+def test_a_deployment_whose_breaker_is_open_shows_without_recent_streams():
+    states = {"demo": "closed", "idle": "closed", "down": "open", "probing": "half_open"}
+    live = LiveWindow(breaker_state=states.__getitem__, breaker_states=lambda: states)
+    live.add([record("a")], 0)
+    snap = live.snapshot(0, 0, 0)
+    assert [(d.name, d.breaker, d.streams) for d in snap.deployments] == [("demo", "closed", 1), ("down", "open", 0), ("probing", "half_open", 0)]
