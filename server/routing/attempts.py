@@ -9,12 +9,11 @@ each of them returns. `close()` is its `finally`: whatever is still held (a brea
 retry-budget slot, the in-flight count) is released, and a cancelled attempt counts neither as a
 success nor a failure. This module imports no asyncio or httpx and reads no clock.
 
-    IDLE ──PLAN──▶ WAITING ──SEND──▶ CONNECTING ──ANSWER──▶ ANSWERING ──CONTENT──▶ STREAMING
-     ▲  │            │                    │                     │                      │
-     │  GIVE_UP      REFUSED (breaker)    └───── RETRY ─────────┴──────────────────────┤ (back to IDLE)
-     │  ▼            ▼                    FINISH (ANSWERING, STREAMING) ─▶ DONE          │
-     │ FAILED ◀──── FATAL (non-retryable, or no continuation allowed) ◀────────────────┘
-     └── IDLE
+    IDLE --PLAN--> WAITING --SEND--> CONNECTING --ANSWER--> ANSWERING --CONTENT--> STREAMING
+    WAITING --REFUSED (its breaker opened meanwhile)--> IDLE
+    CONNECTING, ANSWERING, STREAMING --RETRY--> IDLE (another attempt may follow)
+                                     --FATAL--> FAILED (not retryable; content and no continuation)
+    ANSWERING, STREAMING --FINISH--> DONE;   IDLE --GIVE_UP--> FAILED;   any --CLOSE--> CLOSED
 
 Which deployment next (`_pick`), in this order:
 1. a deployment of the current group not yet tried by this request and not cooling down after a
@@ -131,7 +130,7 @@ TRANSITIONS: dict[Phase, dict[Move, Phase]] = {
     Phase.IDLE: {Move.PLAN: Phase.WAITING, Move.GIVE_UP: Phase.FAILED, Move.CLOSE: Phase.CLOSED},
     Phase.WAITING: {Move.SEND: Phase.CONNECTING, Move.REFUSED: Phase.IDLE, Move.CLOSE: Phase.CLOSED},
     Phase.CONNECTING: {Move.ANSWER: Phase.ANSWERING, **_RUNNING},
-    Phase.ANSWERING: {Move.CONTENT: Phase.STREAMING, Move.FINISH: Phase.DONE, Move.ANSWER: Phase.ANSWERING, **_RUNNING},
+    Phase.ANSWERING: {Move.CONTENT: Phase.STREAMING, Move.FINISH: Phase.DONE, **_RUNNING},
     Phase.STREAMING: {Move.CONTENT: Phase.STREAMING, Move.FINISH: Phase.DONE, **_RUNNING},
     Phase.DONE: {Move.CLOSE: Phase.CLOSED},
     Phase.FAILED: {Move.CLOSE: Phase.CLOSED},
@@ -276,7 +275,7 @@ class Attempts:
         self._partial: list[str] = []  # its text
         self._delivered = 0  # content events relayed, every attempt
         self._not_text = 0  # of them, reasoning or tool calls (an answer that cannot continue)
-        self._continued_once = 0  # continuations planned (the first one gets a fresh deadline)
+        self._continuations = 0  # attempts that failed after content and are continued
         # the usage of every finished attempt that answered
         self._parts: list[tuple[str, Usage]] = []
         # the current attempt
@@ -528,9 +527,10 @@ class Attempts:
             self._move(Move.FATAL)
             self._note_parts()
             return out
-        if self.continuing and after_content and not self._continued_once:
-            self._continued_once = 1
-            self._deadline = now_s + route.retry.deadline_s  # a continuation gets its own deadline
+        if self.continuing and after_content:
+            self._continuations += 1
+            if self._continuations == 1:  # the first continuation gets a deadline of its own
+                self._deadline = now_s + route.retry.deadline_s
         self._move(Move.RETRY)
         return out
 
