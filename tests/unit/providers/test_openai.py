@@ -206,3 +206,11 @@ def test_configured_headers_override_the_adapters_whatever_their_case():
     http, _ = body_of(OPENAI, ChatRequest("pub", (ChatMessage("user", "hi"),)), endpoint)
     assert http.headers["authorization"] == "Bearer gateway"
     assert [name for name in http.headers if name.lower() == "authorization"] == ["authorization"]
+
+
+def test_a_context_length_error_keeps_the_providers_message_redacted():
+    body = json.dumps({"error": {"code": "context_length_exceeded", "type": "invalid_request_error",
+                                 "message": "This model's maximum context length is 128000 tokens (key sk-abcdef123456)."}}).encode()
+    error = OPENAI.classify_error(400, {}, body)
+    assert isinstance(error, ContextLengthExceeded) and error.status == 400
+    assert "maximum context length is 128000 tokens" in error.message and "sk-abcdef123456" not in error.message
