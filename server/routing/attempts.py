@@ -23,7 +23,9 @@ Which deployment next (`_pick`), in this order:
    group (a fallback), with no wait: a continuation goes to another deployment first, and a
    rate-limited primary costs no waiting when a fallback is ready;
 3. a retry in the current group, after its backoff (full jitter, never before its retry-after),
-   then the later groups the same way, as long as the attempt starts before the deadline.
+   then the later groups the same way.
+No attempt starts after the deadline: `retry.deadline_s` after the request began, or after the
+failure of an attempt that had delivered content (each continuation gets one of its own).
 Every attempt after the first needs a slot of the shared retry budget.
 
 Usage. Each attempt's usage is its provider's last report per field, and for an attempt that
@@ -275,7 +277,6 @@ class Attempts:
         self._partial: list[str] = []  # its text
         self._delivered = 0  # content events relayed, every attempt
         self._not_text = 0  # of them, reasoning or tool calls (an answer that cannot continue)
-        self._continuations = 0  # attempts that failed after content and are continued
         # the usage of every finished attempt that answered
         self._parts: list[tuple[str, Usage]] = []
         # the current attempt
@@ -369,6 +370,8 @@ class Attempts:
 
     def _pick(self, now_s: float) -> tuple[int, DeploymentState, float] | None:
         """The next attempt: (group index, deployment, wait before it), or None."""
+        if now_s > self._deadline:
+            return None
         usable: list[list[DeploymentState]] = []
         for g, name in enumerate(self._groups):
             if g < self._group or self._per_group[g] >= self._routes[g].retry.max_attempts:
@@ -519,7 +522,7 @@ class Attempts:
         outcome = _breaker_outcome(error)
         self._end_attempt(outcome, now_s)
         out: list[StreamEvent] = [self.total_usage().report()] if answered else []
-        route = self._routes[self._group]
+        route = self._route  # the requested model's: its fallbacks' own settings do not apply
         fatal = not error.retryable or (
             self.continuing and (route.after_first_token is AfterFirstToken.ERROR or self._not_text > 0)
         )
@@ -527,10 +530,8 @@ class Attempts:
             self._move(Move.FATAL)
             self._note_parts()
             return out
-        if self.continuing and after_content:
-            self._continuations += 1
-            if self._continuations == 1:  # the first continuation gets a deadline of its own
-                self._deadline = now_s + route.retry.deadline_s
+        if after_content:  # a continuation gets a deadline of its own
+            self._deadline = now_s + route.retry.deadline_s
         self._move(Move.RETRY)
         return out
 

@@ -46,7 +46,7 @@ class AfterFirstToken(enum.Enum):
 class RetryPolicy:
     """`max_attempts`: attempts per model group (the model, then each fallback), first included.
     `deadline_s`: no attempt starts (and no backoff ends) later than this after the request
-    began, or after the failure that triggers a continuation."""
+    began, or after the failure that triggers a continuation (each gets its own)."""
 
     max_attempts: int = 3
     backoff_base_s: float = 0.1

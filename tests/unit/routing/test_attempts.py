@@ -353,3 +353,20 @@ def test_without_budget_the_last_error_goes_to_the_client():
     a.fail(err, 0.01)
     step = a.next_step(0.01)
     assert isinstance(step, GiveUp) and step.error is err and a.phase is Phase.FAILED
+
+
+def test_no_attempt_starts_after_the_deadline_but_each_continuation_gets_its_own():
+    w = continuing_world()
+    a = w.attempts("m")
+    send(a, 0.0)
+    feed(a, [TextDelta("x")], 0.1)
+    a.fail(UpstreamTimeout("stalled"), 60.0)  # a long answer: the request's deadline (5 s) is past
+    send(a, 60.0)  # the continuation's own deadline runs from the failure
+    feed(a, [TextDelta("y")], 60.1)
+    a.fail(UpstreamTimeout("stalled"), 120.0)
+    step = plan(a, 120.0)  # the second continuation gets one too: "b" again, after its backoff
+    assert step.deployment.name == "b"  # (groups already left behind are not gone back to)
+    a.start(120.0 + step.wait_s)
+    a.fail(UpstreamServerError("boom", status=500), 126.0)  # nothing delivered: the deadline stands
+    step = a.next_step(126.0)
+    assert isinstance(step, GiveUp)
