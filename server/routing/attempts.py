@@ -231,9 +231,6 @@ class UsageParts:
 
 Note = AttemptFailed | Retrying | FailingOver | BreakerMoved | UsageParts
 
-_CONTENT = (TextDelta, ReasoningDelta, ToolCallDelta)
-
-
 def _breaker_outcome(exc: ProxyError) -> bool | None:
     """True: the upstream answered properly (even if it refused the request); False: the
     deployment failed; None: no upstream outcome (the request could not be built)."""
