@@ -173,6 +173,23 @@ async def test_a_post_on_a_reused_connection_that_broke_after_it_was_read_is_not
     assert len(server.requests) == 3
 
 
+async def test_an_idempotent_request_on_a_reused_connection_that_broke_goes_once_more():
+    from server.providers.h1pool import OriginPool
+
+    async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        origin = OriginPool("http", "127.0.0.1", port, None, 10, 30.0)
+        try:
+            for _ in range(2):
+                exchange = await origin.open(b"GET", b"/", [(b"host", b"127.0.0.1")], b"", connect_s=5, pool_s=5)
+                while await exchange.read():
+                    pass
+                exchange.aclose()
+        finally:
+            origin.aclose()
+    assert server.connections == 2 and len(server.requests) == 3  # the GET went twice
+
+
 async def test_a_connection_closed_without_an_answer_is_an_upstream_error(pool):
     async with RawServer(lambda n: b"", close_after=1) as server:
         text, error, _ = await run(openai_backend(server.url, pool))
