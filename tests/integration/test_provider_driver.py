@@ -322,7 +322,12 @@ async def test_cancel_during_first_token_wait(default_pool):
                     pass
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        # Cancelled while it waits for the first token: once the upstream has the request.
+        deadline = time.monotonic() + 5
+        while not fake.requests:
+            assert time.monotonic() < deadline, "the request never reached the fake"
+            await asyncio.sleep(0.005)
+        assert not task.done()
         task.cancel()
         t0 = time.monotonic()
         with pytest.raises(asyncio.CancelledError):

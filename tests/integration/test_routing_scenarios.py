@@ -53,7 +53,6 @@ MODELS: dict[str, tuple[list[tuple[str, float, dict | None]], dict]] = {
     "fb-b": ([("m@status=503,tag=fbb", 1, None)], {}),
     "brk": ([("m@tokens=3,status=500,times=3,tag=brk", 1, None)],
             {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 3, "cooldown_s": 0.5}}),
-    "weighted": ([("m@tokens=1,tag=w3", 3, None), ("m@tokens=1,tag=w1", 1, None)], {}),
     # issue 19: continue mode, each with a fallback; the primary keeps the default 3 attempts
     "stall-cont": ([("m@tokens=60,stall=20,tag=stallcont", 1, {"stall_s": 0.5})],
                    {"after_first_token": "continue", "fallbacks": ["cont-s"]}),
@@ -326,28 +325,49 @@ async def test_429_storm_is_not_amplified(fake, tmp_path, gap_s):
 
 
 async def test_breaker_opens_and_closes_as_configured(chain, fake):
-    codes = [outcome((await run(chain, "brk"))[0])["code"] for _ in range(3)]
+    codes = [outcome((await run(chain, "brk"))[0])["code"] for _ in range(2)]
+    opened = time.monotonic()  # no later than the breaker opens, on the third failure
+    codes.append(outcome((await run(chain, "brk"))[0])["code"])
     assert codes == ["upstream_error"] * 3 and counts_by_tag(fake)["brk"] == 3
     (frames,) = await run(chain, "brk")  # open: refused without an upstream attempt
     error = outcome(frames)
     assert error["code"] == "overloaded" and "circuit" in error["message"]
     assert counts_by_tag(fake)["brk"] == 3
-    await asyncio.sleep(0.6)  # cooldown 0.5 s: half-open, one probe
-    (frames,) = await run(chain, "brk")
-    assert outcome(frames)["type"] == "done"
+    # Cooldown 0.5 s: refused until then, then half-open and one probe, which succeeds. Poll
+    # (each refusal costs no upstream attempt) instead of sleeping past the cooldown.
+    while outcome(frames)["type"] != "done":
+        assert outcome(frames)["code"] == "overloaded", outcome(frames)
+        assert time.monotonic() - opened < 5, "the breaker never let a probe through"
+        await asyncio.sleep(0.05)
+        (frames,) = await run(chain, "brk")
+    probed_after = time.monotonic() - opened
+    assert probed_after >= 0.5, f"a probe went through {probed_after * 1000:.0f} ms after opening, inside the 0.5 s cooldown"
     for _ in range(2):
         (frames,) = await run(chain, "brk")
         assert outcome(frames)["type"] == "done"
-    print(f"\nbreaker: opened after 3 failures (request 4 refused, 0 attempts), closed by the probe after 0.5 s;"
+    print(f"\nbreaker: opened after 3 failures (request 4 refused, 0 attempts), closed by the probe after {probed_after:.2f} s (cooldown 0.5 s);"
           f" upstream attempts {counts_by_tag(fake)['brk']} for 7 requests")
     assert counts_by_tag(fake)["brk"] == 6
 
 
-async def test_weighted_routing_follows_the_weights(chain, fake):
+async def test_weighted_routing_follows_the_weights(fake, tmp_path):
+    # A server of its own with a seeded router: every choice is one draw from random.Random(5),
+    # whatever ran before and in whatever order the 50 concurrent requests arrive, so the share
+    # is the same on every run (the unit test in tests/unit/routing checks the draw itself).
+    config = {"models": {"weighted": {"deployments": [
+        {"name": f"w{weight}", "provider": "openai", "model": f"m@tokens=1,tag=w{weight}", "weight": weight,
+         "base_url": f"http://{fake.address}/v1", "key": "env:ROUTING_KEY"}
+        for weight in (3, 1)]}}}
+    path = tmp_path / "weighted.yaml"
+    path.write_text(json.dumps(config))
+    weighted_chain = start_proxy(("--config", str(path), "--max-streams", "100", "--routing-seed", "5"), (), {"ROUTING_KEY": "sk-routing-test"})
     n = 400
-    for _ in range(n // 50):
-        results = await run(chain, "weighted", 50)
-        assert all(outcome(f)["type"] == "done" for f in results)
+    try:
+        for _ in range(n // 50):
+            results = await run(weighted_chain, "weighted", 50)
+            assert all(outcome(f)["type"] == "done" for f in results)
+    finally:
+        weighted_chain.stop()
     counts = counts_by_tag(fake)
     share = counts["w3"] / (counts["w3"] + counts["w1"])
     print(f"\nweighted 3:1 over {n} requests through the chain: {share:.3f} to the weight-3 deployment (expected 0.750)")
