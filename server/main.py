@@ -194,8 +194,9 @@ async def serve(options: Options) -> None:
     relay_token = read_secret(options.relay_token_file) if options.relay_token_file else ""
     server = grpc.aio.server(options=server_options(options.min_ping_interval_ms))
     metrics = Metrics()
+    metrics.watch_routing(router)  # issue 19: routing counters and breaker states in /metrics
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
-    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state), enabled=options.analytics)
+    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)

@@ -172,14 +172,34 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced(pool):
     assert server.connections == 2 and len(server.requests) == 2
 
 
-async def test_a_reused_connection_closed_as_the_request_arrives_is_retried_once(pool):
-    # The race the idle check cannot see: the upstream closes the kept-alive connection just as
-    # the next request goes out. It goes once more on a new connection.
+async def test_a_post_on_a_reused_connection_that_broke_after_it_was_read_is_not_sent_again(pool):
+    # The upstream read the whole POST and then closed the kept-alive connection without an
+    # answer. It may have acted on it: the transport does not send it again (RFC 9112 9.3.1);
+    # the attempt fails and the router's retry rules decide (issue 19, finding 5).
     async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
         b = openai_backend(server.url, pool)
         assert (await run(b))[:2] == ("Hi", None)
-        assert (await run(b))[:2] == ("Hi", None)
-    assert server.connections == 2 and len(server.requests) == 3
+        text, error, _ = await run(b)
+        assert isinstance(error, UpstreamServerError) and text == ""
+        assert (await run(b))[:2] == ("Hi", None)  # the next request gets a new connection
+    assert len(server.requests) == 3
+
+
+async def test_an_idempotent_request_on_a_reused_connection_that_broke_goes_once_more():
+    from server.providers.h1pool import OriginPool
+
+    async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        origin = OriginPool("http", "127.0.0.1", port, None, 10, 30.0)
+        try:
+            for _ in range(2):
+                exchange = await origin.open(b"GET", b"/", [(b"host", b"127.0.0.1")], b"", connect_s=5, pool_s=5)
+                while await exchange.read():
+                    pass
+                exchange.aclose()
+        finally:
+            origin.aclose()
+    assert server.connections == 2 and len(server.requests) == 3  # the GET went twice
 
 
 async def test_a_connection_closed_without_an_answer_is_an_upstream_error(pool):

@@ -58,7 +58,6 @@ FAILURES = {  # case -> the error code on the wire, per provider (None: not appl
     "ttft": dict.fromkeys(PROVIDERS, "timeout"),
     "stream_error": {"openai": "upstream_error", "anthropic": "overloaded", "gemini": "overloaded"},
     "r529": {"openai": None, "anthropic": "overloaded", "gemini": None},
-    "no_done": {"openai": "upstream_error", "anthropic": "upstream_error", "gemini": None},
 }
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}
 
@@ -119,6 +118,18 @@ async def test_plain_text_with_usage(chain, provider):
     done = frames[-1]
     assert done["type"] == "done" and done["finish_reason"] == "stop"
     assert done["usage"]["prompt_tokens"] > 0 and done["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_end_signalled_without_the_end_event_is_finished(chain, provider):
+    """finish_reason + usage (OpenAI), message_delta with stop_reason + usage (Anthropic),
+    finishReason (Gemini has no end event): the answer is complete without [DONE] /
+    message_stop, and is reported as done, not as an error (issue 19, finding 3)."""
+    frames = await run_stream(chain, f"{provider}-no_done")
+    assert not any(f["type"] == "error" for f in frames)
+    done = frames[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    assert text_of(frames).startswith(TEXT[provider]) and done["usage"]["completion_tokens"] > 0
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
