@@ -9,6 +9,7 @@ PROTOS := $(wildcard protos/llmproxy/v1/*.proto)
 GRPC_ADDR ?= 127.0.0.1:50051
 BRIDGE_HOST ?= 127.0.0.1
 BRIDGE_PORT ?= 8765
+HTTP_PORT ?= 8766
 METRICS_ADDR ?= 127.0.0.1:9464
 APT_PACKAGES := chromium redis-server
 NPM_DIR := clients/js
@@ -111,7 +112,7 @@ $(RELAY_TOKEN):
 run: install $(RELAY_TOKEN)
 	@set -u; \
 	$(PY) -m server.main --listen $(GRPC_ADDR) --metrics-listen $(METRICS_ADDR) --relay-token-file $(RELAY_TOKEN) & srv=$$!; \
-	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
+	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --http-port $(HTTP_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
 	    $(foreach o,$(ALLOWED_ORIGINS),--allowed-origin $(o)) & brg=$$!; \
 	trap 'kill -TERM $$srv $$brg 2>/dev/null; wait $$srv $$brg' INT TERM; \
 	echo "llmproxy: gRPC   $(GRPC_ADDR)  (grpcurl -plaintext $(GRPC_ADDR) list)"; \
