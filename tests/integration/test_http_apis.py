@@ -1,4 +1,4 @@
-"""The bridge's OpenAI Chat Completions API, read by the official openai-python SDK: real server,
+"""The bridge's HTTP APIs read by the official SDKs (openai-python, the openai npm package, anthropic): real server,
 bridge and fake OpenAI upstream processes, with client keys on."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from server.auth.limits import KeyLimits
 from server.auth.store import KeyStore
+from tests.support.node import run_node
 from tests.support.procs import Proc, start, start_proxy
 
 TEXT = (  # the recording's whole answer (tests/fakes/fixtures/openai_text.sse)
@@ -266,3 +267,17 @@ def test_client_that_drops_mid_stream_cancels_the_upstream_within_100ms(chain, f
         time.sleep(0.01)
     assert len(disconnects) > before, "the upstream never saw the disconnect"
     assert disconnects[-1] - t_drop < 0.1, f"the upstream saw the disconnect {1000 * (disconnects[-1] - t_drop):.0f} ms after the drop"
+
+
+# -- the openai npm package ----------------------------------------------------------------------
+
+
+def test_openai_node_sdk(chain, keys):
+    r = run_node(["tests/browser/openai_node.mjs", chain.api_url, keys["all"]], 60)
+    assert r["stream"]["text"] == TEXT and r["stream"]["finish"] == "stop"
+    assert r["stream"]["usage"]["completion_tokens"] > 0 and r["stream"]["usage"]["prompt_tokens"] > 0
+    assert r["nonStream"]["text"] == TEXT and r["nonStream"]["usage"]["total_tokens"] > 0
+    assert r["toolCall"]["name"] == "get_weather" and json.loads(r["toolCall"]["arguments"]) == {"city": "New York City"}
+    assert r["toolCall"]["finish"] == "tool_calls" and r["toolCall"]["id"]
+    assert r["midStream"]["raised"] and r["midStream"]["text"], r["midStream"]
+    assert r["rateLimited"] == {"raised": True, "name": "RateLimitError", "status": 429, "retryAfter": "2"}
