@@ -12,7 +12,10 @@ cancels the handler when its client disconnects: `handler_cancellation=True`).
 Status codes. A stream response's status is decided by the first frame that says something:
 an `error` before any output is answered with its own status (401, 403, 404, 429 with
 `retry-after`, 5xx); once a token, tool call, reasoning, heartbeat or `done` arrived the 200
-headers go out and a later error is an in-stream error event. Server heartbeats (a slow first
+headers go out and a later error is an in-stream error event. (The server sends `started` with
+the provider's first event, so a heartbeat is all a slow first token shows; a request that waits
+longer than the heartbeat interval for a deployment cooling down after a 429 therefore gets its
+429 as an in-stream error, which the SDKs raise as `APIError`.) Server heartbeats (a slow first
 token) are SSE comments, which every SSE client ignores. Responses carry
 `X-Accel-Buffering: no` and every batch of frames is one write, flushed at once.
 

@@ -64,7 +64,7 @@ const out = {};
 // 429 with retry-after.
 {
   try {
-    await client.chat.completions.create({ model: "oa-429", messages: ask, stream: true });
+    await client.chat.completions.create({ model: "oa-429-node", messages: ask, stream: true });
     out.rateLimited = { raised: false };
   } catch (err) {
     out.rateLimited = { raised: true, name: err.constructor.name, status: err.status, retryAfter: err.headers?.get?.("retry-after") ?? err.headers?.["retry-after"] };

@@ -8,6 +8,7 @@ import socket
 import time
 import urllib.request
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -25,7 +26,9 @@ TEXT = (  # the recording's whole answer (tests/fakes/fixtures/openai_text.sse)
 MODELS = {
     "oa-text": "m",
     "oa-tool": "m@scenario=tool",
-    "oa-429": "m@status=429,retry_after=2",
+    # One model per call: after a 429 the deployment cools down for retry-after, and a request
+    # that waits longer than the heartbeat interval gets its 429 in-stream, after a heartbeat.
+    **{f"oa-429-{case}": f"m@status=429,retry_after=2,tag={case}" for case in ("stream", "plain", "node", "anthropic")},
     "oa-500": "m@status=500",
     "oa-midstream": "m@tokens=10,stream_error=3",
     "oa-slow": "m@ttft=1.5,tokens=3",
@@ -154,7 +157,7 @@ def test_mid_stream_error_is_raised_by_the_sdk(client):
 def test_rate_limited_is_429_with_retry_after(client):
     for stream in (True, False):
         with pytest.raises(openai.RateLimitError) as info:
-            result = client.chat.completions.create(model="oa-429", messages=ASK, stream=stream)
+            result = client.chat.completions.create(model="oa-429-stream" if stream else "oa-429-plain", messages=ASK, stream=stream)
             if stream:
                 list(result)
         assert info.value.status_code == 429
@@ -281,3 +284,60 @@ def test_openai_node_sdk(chain, keys):
     assert r["toolCall"]["finish"] == "tool_calls" and r["toolCall"]["id"]
     assert r["midStream"]["raised"] and r["midStream"]["text"], r["midStream"]
     assert r["rateLimited"] == {"raised": True, "name": "RateLimitError", "status": 429, "retryAfter": "2"}
+
+
+# -- Anthropic Messages, with the anthropic SDK --------------------------------------------------
+
+ANTHROPIC_TOOL = {"name": "get_weather", "description": "Weather of a city", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+@pytest.fixture
+def claude(chain, keys) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=chain.api_url, api_key=keys["all"], max_retries=0, timeout=20)
+
+
+def test_anthropic_sdk_streams_text(claude, fake):
+    with claude.messages.stream(model="oa-text", max_tokens=100, system="Be brief.", messages=ASK) as stream:
+        deltas = list(stream.text_stream)
+        message = stream.get_final_message()
+    assert "".join(deltas) == TEXT
+    assert message.content[0].type == "text" and message.content[0].text == TEXT
+    assert message.stop_reason == "end_turn" and message.usage.output_tokens > 0 and message.role == "assistant"
+    sent = json.loads(fake_state(fake)["requests"][-1]["body"])
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"] and sent["max_completion_tokens"] == 100
+
+
+def test_anthropic_sdk_tool_call_stream_and_not(claude):
+    with claude.messages.stream(model="oa-tool", max_tokens=100, messages=ASK, tools=[ANTHROPIC_TOOL]) as stream:
+        message = stream.get_final_message()
+    tool_use = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "tool_use"
+    assert tool_use[0].name == "get_weather" and tool_use[0].input == {"city": "New York City"} and tool_use[0].id
+    whole = claude.messages.create(model="oa-tool", max_tokens=100, messages=ASK, tools=[ANTHROPIC_TOOL])
+    assert whole.stop_reason == "tool_use" and whole.content[-1].input == {"city": "New York City"}
+    # The answer goes back as Anthropic blocks: tool_use from the assistant, tool_result from the user.
+    history = [*ASK, {"role": "assistant", "content": [b.model_dump() for b in whole.content]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": whole.content[-1].id, "content": "sunny"}]}]
+    again = claude.messages.create(model="oa-text", max_tokens=100, messages=history, tools=[ANTHROPIC_TOOL])
+    assert again.content[0].text == TEXT
+
+
+def test_anthropic_sdk_with_bearer_auth_and_errors(chain, keys):
+    bearer = anthropic.Anthropic(base_url=chain.api_url, auth_token=keys["all"], max_retries=0)
+    assert bearer.messages.create(model="oa-text", max_tokens=50, messages=ASK).content[0].text == TEXT
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=chain.api_url, api_key="wrong-key-0123456789", max_retries=0).messages.create(
+            model="oa-text", max_tokens=50, messages=ASK)
+    with pytest.raises(anthropic.NotFoundError) as info:
+        bearer.messages.create(model="no-such-model", max_tokens=50, messages=ASK)
+    assert info.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.RateLimitError) as info:
+        bearer.messages.create(model="oa-429-anthropic", max_tokens=50, messages=ASK, stream=True)
+    assert info.value.response.headers["retry-after"] == "2"
+    with pytest.raises(anthropic.APIStatusError) as info:  # the SDK raises on the in-stream error event
+        with bearer.messages.stream(model="oa-midstream", max_tokens=50, messages=ASK) as stream:
+            for _ in stream.text_stream:
+                pass
+    with pytest.raises(anthropic.BadRequestError) as info:
+        bearer.messages.create(model="oa-text", max_tokens=50, messages=ASK, extra_body={"top_k": 5})
+    assert "top_k" in info.value.message
