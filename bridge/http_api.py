@@ -19,7 +19,8 @@ longer than the heartbeat interval for a deployment cooling down after a 429 the
 token) are SSE comments, which every SSE client ignores. Responses carry
 `X-Accel-Buffering: no` and every batch of frames is one write, flushed at once.
 
-`websockets` reads no request bodies, so these endpoints are served by aiohttp on a port of
+The same server carries our own protocol over SSE (bridge/sse_transport.py), for networks where
+WebSockets fail. `websockets` reads no request bodies, so these endpoints are served by aiohttp on a port of
 their own (`--http-port`); the WebSocket path is untouched.
 """
 
@@ -43,6 +44,7 @@ from bridge import anthropic_messages as anth
 from bridge import openai_chat as oai
 from bridge.openai_chat import ApiError
 from bridge.relay import RelayLink
+from bridge.sse_transport import SseTransport
 
 log = logging.getLogger("llmproxy.bridge.http")
 
@@ -159,10 +161,15 @@ def json_response(obj: object, status: int = 200, headers: dict[str, str] | None
 
 
 class HttpApi:
-    def __init__(self, config: HttpConfig, relay: RelayLink, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, config: HttpConfig, relay: RelayLink, channel: grpc.aio.Channel, origin_allowed: Callable[[str], bool] = lambda origin: False
+    ) -> None:
         self._config = config
         self._relay = relay
         self._stub = pb_grpc.LLMProxyStub(channel)
+        self.sse = SseTransport(
+            relay, origin_allowed, credential_of, config.max_body_bytes, config.max_messages, config.max_pending_bytes, config.reattach_timeout_s
+        )
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -172,6 +179,7 @@ class HttpApi:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
+        self.sse.routes(app)
         return app
 
     async def start(self, tls: ssl.SSLContext | None = None) -> None:

@@ -140,7 +140,7 @@ async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> 
     jobs.start("watchdog", bridge.watchdog)
     http: HttpApi | None = None
     if http_config is not None:
-        http = HttpApi(http_config, bridge.relay, channel)
+        http = HttpApi(http_config, bridge.relay, channel, bridge.origin_allowed)
         tls = None
         if config.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
