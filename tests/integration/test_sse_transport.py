@@ -3,13 +3,19 @@ ids resume a dropped event stream through Last-Event-ID, client frames as POSTs.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.integration.conftest import FAST_DEMO
+from tests.support.node import run_node
 from tests.support.procs import start_proxy
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 START = {"type": "start", "id": "a", "model": "demo", "messages": [{"role": "user", "content": "Tell me about tides"}], "seed": 7, "max_tokens": 40}
 
@@ -98,3 +104,35 @@ def test_sse_from_a_foreign_origin_is_refused(chain):
     assert r.status_code == 403
     r = httpx.options(chain.api_url + "/sse", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     assert r.status_code == 403
+
+
+# -- the JavaScript client in Chromium, WebSockets refused ----------------------------------------
+
+PACE = ("--demo-ttft-ms", "50", "--demo-tokens-per-s", "50", "--demo-jitter", "0")
+SPEC = {"prompt": "What is a black hole?", "seed": 11, "max_tokens": 40, "drop_after": 8}
+
+
+async def read_direct(grpc_target: str) -> str:
+    from llmproxy_client import LLMProxyClient
+
+    async with LLMProxyClient(grpc_target) as client:
+        handle = client.stream(model="demo", messages=[{"role": "user", "content": SPEC["prompt"]}], seed=SPEC["seed"], max_tokens=SPEC["max_tokens"])
+        return "".join([t async for t in handle])
+
+
+@pytest.mark.browser
+async def test_js_client_falls_back_to_sse_when_websockets_are_refused(proxy_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing (make install-test installs Debian's chromium)")
+    p = proxy_factory(server_args=PACE, bridge_args=("--http-port", "0"))
+    r = await asyncio.to_thread(run_node, ["tests/browser/sse_fallback.mjs", p.http_url, p.api_url, json.dumps(SPEC)], 90)
+    expected = await read_direct(p.grpc_target)
+    assert r["pageErrors"] == [] and r["webSockets"] == 0
+    assert r["transport"] == "sse" and r["transportAfter"] == "sse"
+    assert r["wholeDone"] == "length" and r["whole"] == expected
+    # A dropped event stream: reopened after the last event id, the exact text.
+    assert r["eventStreams"] == 2 and r["dropped"] == expected and r["droppedDuplicates"] == 0
+    # A dropped connection: the session resumed over a new SSE session, the exact text.
+    assert r["reconnects"] == 1 and r["sameSession"] and r["resumed"] == expected
+    assert r["cancelled"] == "cancelled" and r["cancelledTokens"] < 20
+    assert r["state"] == "closed"
