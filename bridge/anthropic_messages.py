@@ -278,3 +278,6 @@ class MessagesEncoder:
 
     def collect_frame(self, frame: pb.ServerFrame) -> None:
         self.stream_frame(frame)
+
+    def stream_error(self, error: ApiError) -> bytes:
+        return stream_error_event(error)

@@ -42,6 +42,7 @@ from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge import anthropic_messages as anth
 from bridge import openai_chat as oai
+from bridge import openai_responses as resp
 from bridge.openai_chat import ApiError
 from bridge.relay import RelayLink
 from bridge.sse_transport import SseTransport
@@ -125,17 +126,19 @@ class Translator(Protocol):
 
     def collect_frame(self, frame: pb.ServerFrame) -> None: ...
 
+    def stream_error(self, error: ApiError) -> bytes:
+        """The in-stream error event (after the 200 headers)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    """How one API spells errors."""
+    """How one API spells an error answered with its own status."""
 
     error_body: Callable[[ApiError], dict[str, Any]]
-    stream_error: Callable[[ApiError], bytes]
 
 
-OPENAI = Shape(oai.error_body, oai.stream_error_event)
-ANTHROPIC = Shape(anth.error_body, anth.stream_error_event)
+OPENAI = Shape(oai.error_body)
+ANTHROPIC = Shape(anth.error_body)
 
 
 def credential_of(request: web.Request) -> str:
@@ -176,6 +179,7 @@ class HttpApi:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_body_bytes)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
@@ -202,6 +206,13 @@ class HttpApi:
             return req.start, req.stream, oai.ChatEncoder(req.model, req.include_usage)
 
         return await self._generate(request, OPENAI, "openai.chat_completions", begin)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        async def begin(body: object) -> tuple[pb.ClientFrame, bool, Translator]:
+            req = resp.parse_responses_request(body, self._config.max_body_bytes, self._config.max_messages)
+            return req.start, req.stream, resp.ResponsesEncoder(req.model)
+
+        return await self._generate(request, OPENAI, "openai.responses", begin)
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         async def begin(body: object) -> tuple[pb.ClientFrame, bool, Translator]:
@@ -321,7 +332,7 @@ class HttpApi:
                         error = oai.api_error(e.code, e.message, e.retry_after_ms)
                         if response is None:
                             return self._error(shape, error)
-                        out.append(shape.stream_error(error))
+                        out.append(translator.stream_error(error))
                         await response.write(b"".join(out))
                         return response
                     if response is None and kind in _CONTENT_KINDS:
@@ -338,7 +349,7 @@ class HttpApi:
         except ApiError as exc:
             if response is None:
                 return self._error(shape, exc)
-            await response.write(shape.stream_error(exc))
+            await response.write(translator.stream_error(exc))
         except (ConnectionResetError, ConnectionError):
             log.debug("an HTTP client went away mid-stream")
         assert response is not None

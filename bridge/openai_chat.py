@@ -287,6 +287,9 @@ class ChatEncoder:
             return self._chunk({}, finish, usage) + DONE
         return b""
 
+    def stream_error(self, error: ApiError) -> bytes:
+        return stream_error_event(error)
+
     def collect_frame(self, frame: pb.ServerFrame) -> None:
         """Non-streaming: gathers the answer; `finished` is set by `done`."""
         kind = frame.WhichOneof("kind")

@@ -341,3 +341,52 @@ def test_anthropic_sdk_with_bearer_auth_and_errors(chain, keys):
     with pytest.raises(anthropic.BadRequestError) as info:
         bearer.messages.create(model="oa-text", max_tokens=50, messages=ASK, extra_body={"top_k": 5})
     assert "top_k" in info.value.message
+
+
+# -- the Responses API ---------------------------------------------------------------------------
+
+
+def test_vercel_ai_sdk_stream_text_over_responses_and_chat(chain, keys):
+    r = run_node(["tests/browser/vercel_ai.mjs", chain.api_url, keys["all"]], 60)
+    assert r["errors"] == []
+    for name in ("responses", "chat"):
+        assert r[name]["text"] == TEXT and r[name]["finish"] == "stop", r[name]
+        assert r[name]["usage"]["outputTokens"] > 0 and r[name]["usage"]["inputTokens"] > 0
+    for name in ("responsesTool", "chatTool"):
+        assert r[name]["finish"] == "tool-calls", r[name]
+        assert [(c["name"], c["input"]) for c in r[name]["calls"]] == [("get_weather", {"city": "New York City"})]
+
+
+def test_openai_python_responses_stream(client):
+    events = list(client.responses.create(model="oa-text", input="What is the weather?", instructions="Be brief.", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == TEXT
+    assert events[-1].response.output_text == TEXT and events[-1].response.usage.output_tokens > 0
+    tool = {"type": "function", "name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    with client.responses.stream(model="oa-tool", input=ASK, tools=[tool]) as stream:
+        final = stream.get_final_response()
+    call = final.output[0]
+    assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {"city": "New York City"}
+    # The call and its output go back as input items.
+    again = client.responses.create(
+        model="oa-text", tools=[tool],
+        input=[*ASK, {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert again.output_text == TEXT
+
+
+def test_responses_unsupported_fields_are_400_naming_them(client):
+    for kwargs, field in (({"previous_response_id": "resp_1"}, "previous_response_id"), ({"store": True}, "store"),
+                          ({"tools": [{"type": "web_search"}]}, "tools[0].type"), ({"extra_body": {"modalities": ["audio"]}}, "modalities")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="oa-text", input="hi", stream=True, **kwargs)
+        assert info.value.param == field and field.split("[")[0] in info.value.message
+
+
+def test_responses_mid_stream_error(client):
+    types = []
+    with pytest.raises(openai.APIError):
+        for event in client.responses.create(model="oa-midstream", input="hi", stream=True):
+            types.append(event.type)
+    assert "response.output_text.delta" in types and "response.completed" not in types
