@@ -276,6 +276,7 @@ class HttpApi:
             credential=credential,
             origin=request.headers.get("Origin", ""),
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            api=api,
         )
         link = HttpLink(opening)
         conn = self._relay.open(link, opening)

@@ -221,6 +221,7 @@ class SseTransport:
             credential=credential,
             origin=request.headers.get("Origin", ""),
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            api="sse",
         )
         sid = secrets.token_urlsafe(24)
         link = SseLink(sid, opening, self._max_pending)

@@ -3,6 +3,7 @@ bridge and fake OpenAI upstream processes, with client keys on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -69,7 +70,8 @@ def chain(fake, keys, tmp_path_factory):
     path = tmp_path_factory.mktemp("http") / "llmproxy.yaml"
     path.write_text("\n".join(lines) + "\n")
     proxy = start_proxy(
-        ("--config", str(path), "--auth-db", keys["db"], "--heartbeat-interval-s", "0.3"),
+        ("--config", str(path), "--auth-db", keys["db"], "--heartbeat-interval-s", "0.3",
+         "--request-log", str(path.parent / "requests.sqlite3")),
         ("--http-port", "0"),
         {"HTTP_TEST_KEY": "sk-upstream-0123456789abcdef"},
     )
@@ -390,3 +392,27 @@ def test_responses_mid_stream_error(client):
         for event in client.responses.create(model="oa-midstream", input="hi", stream=True):
             types.append(event.type)
     assert "response.output_text.delta" in types and "response.completed" not in types
+
+
+# -- analytics -----------------------------------------------------------------------------------
+
+
+async def test_request_log_rows_are_labelled_by_api(chain, client, claude, keys):
+    import grpc
+
+    from llmproxy.v1 import llmproxy_pb2 as pb
+    from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+
+    await asyncio.to_thread(client.chat.completions.create, model="oa-text", messages=ASK)
+    await asyncio.to_thread(client.responses.create, model="oa-text", input="hi")
+    await asyncio.to_thread(claude.messages.create, model="oa-text", max_tokens=50, messages=ASK)
+    wanted = {"openai.chat_completions", "openai.responses", "anthropic.messages"}
+    async with grpc.aio.insecure_channel(chain.grpc_target) as channel:
+        stub = pb_grpc.LLMProxyStub(channel)
+        for _ in range(100):  # the log is written in batches
+            rows = (await stub.Stats(pb.StatsRequest(group_by="api"), metadata=(("authorization", f"Bearer {keys['all']}"),))).rows
+            if wanted <= {r.name for r in rows if r.streams}:
+                break
+            await asyncio.sleep(0.05)
+    assert wanted <= {r.name for r in rows if r.streams}, [(r.name, r.streams) for r in rows]
+    assert all(r.completion_tokens > 0 for r in rows if r.name in wanted)
