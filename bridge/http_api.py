@@ -74,6 +74,10 @@ class HttpConfig:
     max_pending_bytes: int = 1 << 20  # unsent output one request may hold before it is cut
 
 
+class SlowClient(Exception):
+    """A streaming client stopped reading: what waits for it passed `max_pending_bytes`."""
+
+
 class HttpLink:
     """One HTTP request carried by the relay: the `Link` of bridge/relay.py. Frames wait here
     until the handler takes them (one batch per relay batch)."""
@@ -294,6 +298,8 @@ class HttpApi:
         """Batches of frames until the connection ends; `ApiError` when it fails."""
         timeout: float | None = self._config.reattach_timeout_s  # until the server answers
         while True:
+            if link.pending_bytes > self._config.max_pending_bytes:  # gathered while a write was blocked
+                raise SlowClient()
             try:
                 frames = await link.next_batch(timeout)
             except TimeoutError:
@@ -303,8 +309,6 @@ class HttpApi:
                 yield frames
             elif link.end is not None:
                 raise oai.api_error(*link.end)
-            if link.pending_bytes > self._config.max_pending_bytes:  # pragma: no cover - a stuck client
-                raise oai.api_error(pb.ERROR_CODE_SLOW_READER, "the client read too slowly")
 
     async def _collect(self, link: HttpLink, shape: Shape, translator: Translator) -> web.Response:
         try:
@@ -351,6 +355,12 @@ class HttpApi:
             if response is None:
                 return self._error(shape, exc)
             await response.write(translator.stream_error(exc))
+        except SlowClient:
+            # It is not reading: no error event could reach it. Cut the connection (the request
+            # ends, and with it the stream and the upstream request).
+            log.warning("cutting an HTTP stream whose client stopped reading (over %d bytes unsent)", self._config.max_pending_bytes)
+            if request.transport is not None:
+                request.transport.abort()
         except (ConnectionResetError, ConnectionError):
             log.debug("an HTTP client went away mid-stream")
         assert response is not None

@@ -132,6 +132,7 @@ class SseLink:
             return False
         while self._log and self._log[0][0] <= last_id:
             self._log_bytes -= len(self._log.popleft()[1])
+        self._dropped_through = last_id  # an earlier position can no longer be served
         return True
 
     def events_after(self, position: int) -> tuple[bytes, int]:
