@@ -238,6 +238,13 @@ class ChatEncoder:
         self._reasoning: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
         self.finished: dict[str, Any] | None = None  # the whole completion, once done
+        # The hot path: a token chunk is this prefix, the text as a JSON string, this suffix
+        # (the same bytes `_chunk` would make; tests/unit/bridge/test_http_translators.py).
+        head = orjson.dumps(
+            {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model, "system_fingerprint": None}
+        )
+        self._token_head = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self._token_tail = b'},"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if include_usage else b"") + b"}\n\n"
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, usage: object = None) -> bytes:
         obj: dict[str, Any] = {
@@ -257,8 +264,9 @@ class ChatEncoder:
         is `api_error`'s job: the caller decides between a status and an in-stream event."""
         kind = frame.WhichOneof("kind")
         if kind == "token":
-            self._text.append(frame.token.text)
-            return self._chunk({"content": frame.token.text})
+            text = frame.token.text
+            self._text.append(text)
+            return self._token_head + orjson.dumps(text) + self._token_tail
         if kind == "tool_call":
             return self._chunk({"tool_calls": [self._tool_call(frame.tool_call)]})
         if kind == "reasoning":

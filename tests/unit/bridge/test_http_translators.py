@@ -91,6 +91,15 @@ def test_chat_stream_chunks_with_and_without_include_usage():
         assert enc.finished is not None and enc.finished["choices"][0]["message"]["content"] == "Hello"
 
 
+def test_chat_token_chunks_from_the_fast_path_are_the_chunks_json_would_make():
+    for include_usage in (True, False):
+        enc = oai.ChatEncoder("m\"odel", include_usage, created=5)
+        text = 'a "quoted" \\ line\nand é'
+        fast = enc.stream_frame(token(text, 2))
+        assert fast == enc._chunk({"content": text})
+        assert json.loads(fast[6:])["choices"][0]["delta"]["content"] == text
+
+
 def test_chat_tool_call_fragments_as_openai_streams_them():
     enc = oai.ChatEncoder("m", False)
     first = json.loads(sse_events(enc.stream_frame(call(2, "", id_="call_1", name="f")))[0][1])
