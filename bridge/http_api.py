@@ -163,6 +163,10 @@ def credential_of(request: web.Request) -> str:
     return found.pop()
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "llmproxy"  # as the WebSocket port says; no library versions
+
+
 def json_response(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers)
 
@@ -182,6 +186,7 @@ class HttpApi:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_body_bytes)
+        app.on_response_prepare.append(_server_header)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/messages", self._messages)
