@@ -416,3 +416,27 @@ async def test_request_log_rows_are_labelled_by_api(chain, client, claude, keys)
             await asyncio.sleep(0.05)
     assert wanted <= {r.name for r in rows if r.streams}, [(r.name, r.streams) for r in rows]
     assert all(r.completion_tokens > 0 for r in rows if r.name in wanted)
+
+
+# -- the server goes away mid-stream -------------------------------------------------------------
+
+
+def test_a_stream_cut_by_the_server_going_away_is_an_error_never_a_finish(proxy_factory):
+    from tests.integration.conftest import FAST_DEMO
+
+    p = proxy_factory(server_args=FAST_DEMO, bridge_args=("--http-port", "0"))
+    client = openai.OpenAI(base_url=p.api_url + "/v1", api_key="any", max_retries=0, timeout=20)
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in client.chat.completions.create(model="demo", messages=ASK, max_tokens=400, stream=True):
+            received.append(chunk)
+            if len(received) == 5:
+                p.server.kill()
+    assert len(received) >= 5 and not any(c.choices and c.choices[0].finish_reason for c in received)
+    assert "unavailable" in str(info.value.body or info.value.message).lower() or "lost" in info.value.message
+
+
+def test_a_body_over_the_size_limit_is_413_in_openais_shape(chain, keys):
+    r = httpx.post(chain.api_url + "/v1/chat/completions", headers={"authorization": f"Bearer {keys['all']}"},
+                   json={"model": "oa-text", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, timeout=20)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
