@@ -185,12 +185,29 @@ class RelayLink:
                 link = links.get(entry.conn)
                 if link is None:
                     continue  # closed at this end meanwhile
-                if entry.WhichOneof("kind") == "frame":
-                    link.deliver(entry.frame)
-                    touched[link] = None
-                else:
-                    del links[entry.conn]
+                try:
+                    if entry.WhichOneof("kind") == "frame":
+                        link.deliver(entry.frame)
+                        touched[link] = None
+                    else:
+                        del links[entry.conn]
+                        touched.pop(link, None)
+                        link.ended(entry.ended.code, entry.ended.message)
+                except Exception:  # a bug of ours: that connection ends, the others go on
+                    self._broken(link)
                     touched.pop(link, None)
-                    link.ended(entry.ended.code, entry.ended.message)
             for link in touched:
-                link.flush()
+                try:
+                    link.flush()
+                except Exception:
+                    self._broken(link)
+
+    def _broken(self, link: Link) -> None:
+        log.error("a relayed connection failed with an internal error", exc_info=True)
+        for number, candidate in list(self._links.items()):
+            if candidate is link:
+                self.close(number, end_session=False)
+        try:
+            link.ended(pb.ERROR_CODE_INTERNAL, "internal error in the bridge")
+        except Exception:
+            log.error("and could not be closed cleanly", exc_info=True)

@@ -121,20 +121,27 @@ class RelayCall:
             if batch is grpc.aio.EOF:
                 return
             for entry in batch.entries:
-                kind = entry.WhichOneof("kind")
-                if kind == "frame":
-                    connection = self._conns.get(entry.conn)
-                    if connection is None:
-                        continue  # ended by the server; the bridge has been told
-                    frame = entry.frame
-                    if frame.WhichOneof("kind") == "resume":
-                        self._service.resume(connection, frame.resume)
-                    else:
-                        connection.runtime.feed_frame(frame)
-                elif kind == "open":
-                    self._open(entry.conn, entry.open)
-                elif kind == "close":
-                    self._close(entry.conn, entry.close.end_session)
+                try:
+                    self._receive(entry)
+                except Exception:  # a bug of ours: that connection ends, the others go on
+                    log.error("relayed connection failed with an internal error", exc_info=True)
+                    self.end(entry.conn, CODE_TO_PROTO[Code.INTERNAL], "internal error; details are in the server log")
+
+    def _receive(self, entry: pb.RelayUpEntry) -> None:
+        kind = entry.WhichOneof("kind")
+        if kind == "frame":
+            connection = self._conns.get(entry.conn)
+            if connection is None:
+                return  # ended by the server; the bridge has been told
+            frame = entry.frame
+            if frame.WhichOneof("kind") == "resume":
+                self._service.resume(connection, frame.resume)
+            else:
+                connection.runtime.feed_frame(frame)
+        elif kind == "open":
+            self._open(entry.conn, entry.open)
+        elif kind == "close":
+            self._close(entry.conn, entry.close.end_session)
 
     def _open(self, conn: int, open_: pb.RelayOpen) -> None:
         if conn in self._conns:
