@@ -74,6 +74,15 @@ MODELS: dict[str, tuple[list[tuple[str, float, dict | None]], dict]] = {
     "warm": ([("m@tokens=1,tag=warm", 1, None)], {}),
     "ops": ([("m@tokens=3,status=500,times=1,tag=ops", 1, None)], {"fallbacks": ["ops-b"], "retry": {**FAST_RETRY, "max_attempts": 2}}),
     "ops-b": ([("m@tokens=3,tag=opsb", 1, None)], {}),
+    # each attempt's usage in done / error: a primary cut at 40 continued on a fallback that
+    # finishes (parts-b) or is cut too (parts-e: its 30 words repeat 24 of the answer, add 6)
+    "parts": ([("m@tokens=60,cut=40,tag=parts", 1, None)],
+              {"after_first_token": "continue", "fallbacks": ["parts-b"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "parts-b": ([("m@tokens=44,offset=16,tag=partsb", 1, None)], {}),
+    "parts-cut": ([("m@tokens=60,cut=40,tag=partscut", 1, None)],
+                  {"after_first_token": "continue", "fallbacks": ["parts-e"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "parts-e": ([("m@tokens=44,offset=16,cut=30,tag=partse", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "parts-one": ([("m@tokens=60,cut=40,tag=partsone", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 1}}),
     "ops-brk": ([("m@tokens=3,status=500,times=1,tag=opsbrk", 1, None)],
                 {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 1, "cooldown_s": 1.0}}),
 }
@@ -232,6 +241,39 @@ async def test_cut_after_40_of_60_tokens_continues_without_repeating(chain, fake
     usage_line = 'gen_ai_client_token_usage_sum{gen_ai_provider_name="openai",gen_ai_request_model="cut-cont",gen_ai_token_type="output"}'
     await wait_for(lambda: usage_line in metrics_text(chain))
     assert f"{usage_line} 50.0" in metrics_text(chain)
+
+
+def part(deployment: str, prompt: int, completion: int) -> dict:
+    return {"deployment": deployment, "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "reasoning_tokens": 0}}
+
+
+async def test_the_done_of_a_continued_stream_has_the_usage_of_both_attempts(chain, fake):
+    (frames,) = await run(chain, "parts")
+    done = outcome(frames)
+    assert done["type"] == "done" and text(frames) == words(60)
+    # the cut attempt reported no usage: its 40 content events; the fallback reported its own
+    # 14 + 44 (24 of its words repeated the answer and were not shown, but were generated)
+    assert done["attempts"] == [part("parts-1", 0, 40), part("parts-b-1", 14, 44)]
+    assert (done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]) == (14, 84)
+    assert done["deployment"] == "parts-b-1" and done["timing"]["attempts"] == 2
+
+
+async def test_an_error_ending_a_continued_stream_has_the_usage_of_both_attempts(chain, fake):
+    (frames,) = await run(chain, "parts-cut")
+    error = outcome(frames)
+    assert error["type"] == "error" and error["code"] == "upstream_error", error
+    assert text(frames) == words(46)  # 40, then the 6 new of the fallback's 30
+    # neither reported usage: each counts the content events it sent
+    assert error["attempts"] == [part("parts-cut-1", 0, 40), part("parts-e-1", 0, 30)]
+    assert error["usage"]["completion_tokens"] == 70 and error["deployment"] == "parts-e-1"
+
+
+async def test_a_stream_served_by_one_attempt_lists_no_attempts(chain, fake):
+    (frames,) = await run(chain, "parts-one")  # one attempt, cut: an error with its partial usage
+    error = outcome(frames)
+    assert error["usage"]["completion_tokens"] == 40 and "attempts" not in error
+    (frames,) = await run(chain, "warm")
+    assert outcome(frames)["type"] == "done" and "attempts" not in outcome(frames)
 
 
 async def test_stall_after_20_tokens_is_a_timeout_with_partial_usage(chain, fake):
