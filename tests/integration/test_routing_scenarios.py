@@ -83,6 +83,13 @@ MODELS: dict[str, tuple[list[tuple[str, float, dict | None]], dict]] = {
                   {"after_first_token": "continue", "fallbacks": ["parts-e"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
     "parts-e": ([("m@tokens=44,offset=16,cut=30,tag=partse", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 1}}),
     "parts-one": ([("m@tokens=60,cut=40,tag=partsone", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 1}}),
+    # the dashboard's counters: a retry on dash-1, a failover from dash-fo-1, a continuation from dash-cut-1
+    "dash": ([("m@tokens=3,status=500,times=1,tag=dash", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 2}}),
+    "dash-fo": ([("m@status=503,tag=dashfo", 1, None)], {"fallbacks": ["dash-b"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "dash-b": ([("m@tokens=3,tag=dashb", 1, None)], {}),
+    "dash-cut": ([("m@tokens=60,cut=40,tag=dashcut", 1, None)],
+                 {"after_first_token": "continue", "fallbacks": ["dash-c"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "dash-c": ([("m@tokens=44,offset=16,tag=dashc", 1, None)], {}),
     "ops-brk": ([("m@tokens=3,status=500,times=1,tag=opsbrk", 1, None)],
                 {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 1, "cooldown_s": 1.0}}),
 }
@@ -580,3 +587,39 @@ async def test_continue_mode_figures(chain, fake, case, model, cut_tag, fallback
     print(f"\ncontinue/{case}: frames: {summary}; usage {usage['prompt_tokens']}+{usage['completion_tokens']};"
           f" attempts {done['timing']['attempts']}; last token -> failover frame {to_failover * 1000:.0f} ms,"
           f" -> first continued token {to_first * 1000:.0f} ms")
+
+
+async def stats_until(chain, predicate, timeout_s: float = 20.0) -> dict[str, dict]:
+    """Reads the bridge's /stats feed (the dashboard's) until `predicate(rows by deployment)`."""
+    deadline = time.monotonic() + timeout_s
+    rows: dict[str, dict] = {}
+    async with connect(chain.http_url.replace("http://", "ws://") + "/stats") as ws:
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the dashboard feed never showed it; last rows: {rows}"
+            snapshot = json.loads(await asyncio.wait_for(ws.recv(), remaining))
+            rows = {d["name"]: d for d in snapshot["deployments"]}
+            if predicate(rows):
+                return rows
+
+
+def routing_counts(row: dict | None) -> tuple[int, int, int, int]:
+    if row is None:
+        return (0, 0, 0, 0)
+    return (row["streams"], row["failed_attempts"], row["retries"], row["failovers"])
+
+
+async def test_the_dashboard_counts_failed_attempts_retries_and_failovers_per_deployment(chain, fake):
+    for model in ("dash", "dash-fo", "dash-cut"):
+        (frames,) = await run(chain, model)
+        assert outcome(frames)["type"] == "done", (model, frames[-1])
+    # (streams, failed attempts, retries, failovers) per deployment, over the last minute
+    expected = {
+        "dash-1": (1, 1, 1, 0),  # a 500, then retried on itself
+        "dash-fo-1": (0, 1, 0, 1),  # a 503, then failed over: it served no stream, and still shows
+        "dash-b-1": (1, 0, 0, 0),
+        "dash-cut-1": (0, 1, 0, 1),  # cut mid-answer, continued elsewhere
+        "dash-c-1": (1, 0, 0, 0),
+    }
+    rows = await stats_until(chain, lambda rows: all(routing_counts(rows.get(n)) == c for n, c in expected.items()))
+    assert rows["dash-fo-1"]["breaker"] == "closed"
