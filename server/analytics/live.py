@@ -33,6 +33,8 @@ class NoteSource(Protocol):
     @property
     def observers(self) -> list[Callable[[Note], None]]: ...
 
+    def provider_of(self, deployment: str) -> str: ...
+
 
 def _routing_count(note: Note) -> tuple[str, Routing] | None:
     if isinstance(note, AttemptFailed):
@@ -56,6 +58,7 @@ class LiveWindow:
         in the last minute (an open breaker turns every request away before it)."""
         self._recent: deque[tuple[int, StreamRecord]] = deque()
         self._routing: deque[tuple[int, str, Routing]] = deque()  # one per note, never per token
+        self._provider_of: Callable[[str], str] = lambda name: ""
         self._breaker_state = breaker_state
         self._breaker_states = breaker_states
         self._slowest = slowest
@@ -71,6 +74,7 @@ class LiveWindow:
         """Counts the router's failed attempts, retries and failovers per deployment (`clock`:
         the monotonic nanoseconds that `add` and `tick` are given)."""
         router.observers.append(lambda note: self.add_note(note, clock()))
+        self._provider_of = router.provider_of  # for a deployment that served no stream
 
     def add_note(self, note: Note, now_ns: int) -> None:
         """One operator note of the router; the ones the dashboard counts are kept a minute."""
@@ -117,7 +121,7 @@ class LiveWindow:
             counts = routing.get(name, {})
             snap.deployments.add(
                 name=name,
-                provider=items[-1].provider if items else "",
+                provider=items[-1].provider if items else self._provider_of(name),
                 streams=len(items),
                 errors=sum(r.failed for r in items),
                 ttft_p50_ms=statistics.median(ttfts) if ttfts else 0.0,

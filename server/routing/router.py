@@ -135,6 +135,14 @@ class Router:
                     return status.breaker
         return ""
 
+    def provider_of(self, deployment: str) -> str:
+        """The provider of a configured deployment by name ("" when no model routes to it)."""
+        for model in self._catalog.names():
+            for backend in self._catalog.backends(model):
+                if backend.info.name == deployment:
+                    return backend.info.provider
+        return ""
+
     def breaker_states(self) -> dict[str, str]:
         """The breaker state of every configured deployment, by name (for /metrics). It changes
         nothing, so the metrics server may call it from its own thread."""

@@ -623,3 +623,25 @@ async def test_the_dashboard_counts_failed_attempts_retries_and_failovers_per_de
     }
     rows = await stats_until(chain, lambda rows: all(routing_counts(rows.get(n)) == c for n, c in expected.items()))
     assert rows["dash-fo-1"]["breaker"] == "closed"
+
+
+@pytest.mark.browser
+async def test_the_dashboard_page_shows_the_routing_columns(chain, fake):
+    from tests.support.node import run_node
+    from tests.support.procs import ROOT
+
+    for model in ("dash-fo", "dash-cut"):
+        (frames,) = await run(chain, model)
+        assert outcome(frames)["type"] == "done"
+    shot = ROOT / "tests" / "artifacts" / "dashboard-routing.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    shown = await asyncio.to_thread(run_node, ["tests/browser/dashboard_routing.mjs", chain.http_url, str(shot), "dash-fo-1"], 60)
+    header = shown["header"]
+    assert header[5:8] == ["failed attempts", "retries", "failovers"], header
+    rows = {r[0]["text"]: r for r in shown["rows"]}
+    fo = rows["dash-fo-1"]
+    assert int(fo[5]["text"]) >= 1 and fo[5]["cls"] == "bad" and int(fo[7]["text"]) >= 1 and fo[7]["cls"] == "warn"
+    assert fo[1]["text"] == "openai" and fo[2]["text"] == "0" and fo[4]["text"] == "–"  # no stream of its own, no TTFT
+    assert rows["dash-b-1"][5]["text"] == "0" and rows["dash-b-1"][5]["cls"] == ""
+    assert int(rows["dash-cut-1"][7]["text"]) >= 1
+    assert shot.stat().st_size > 10_000

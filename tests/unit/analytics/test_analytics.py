@@ -118,6 +118,9 @@ def test_live_window_counts_failed_attempts_retries_and_failovers_per_deployment
         def __init__(self):
             self.observers = []
 
+        def provider_of(self, name):
+            return {"primary": "openai", "backup": "anthropic"}.get(name, "")
+
     clock = [0]
     router = FakeRouter()
     live = LiveWindow(breaker_state=lambda name: "open" if name == "primary" else "closed")
@@ -140,7 +143,7 @@ def test_live_window_counts_failed_attempts_retries_and_failovers_per_deployment
     live.add([record("s1", deployment="backup")], 0)
     rows = {d.name: d for d in live.snapshot(0, 0, 0).deployments}
     # primary has no stream of its own (it never served one) and still shows, with its breaker
-    assert (rows["primary"].streams, rows["primary"].breaker) == (0, "open")
+    assert (rows["primary"].streams, rows["primary"].breaker, rows["primary"].provider) == (0, "open", "openai")
     assert (rows["primary"].failed_attempts, rows["primary"].retries, rows["primary"].failovers) == (2, 1, 1)
     assert (rows["backup"].streams, rows["backup"].failed_attempts, rows["backup"].retries, rows["backup"].failovers) == (1, 0, 0, 0)
     # a continuation after backup failed mid-answer counts on backup, 30 s later
