@@ -584,8 +584,11 @@ async def test_continue_mode_figures(chain, fake, case, model, cut_tag, fallback
     summary = f"started, {len(text(frames[:switch]).split())} words in {switch - 1} token frames, " \
               f"failover({frames[switch]['deployment']}), {len(text(frames[switch:]).split())} words in " \
               f"{len(kinds) - switch - 2} token frames, done({done['finish_reason']})"
+    # each attempt's own completion count, as the done frame lists them
+    assert sum(p["usage"]["completion_tokens"] for p in done["attempts"]) == usage["completion_tokens"]
+    parts = ", ".join(f"{p['deployment']} {p['usage']['completion_tokens']}" for p in done["attempts"])
     print(f"\ncontinue/{case}: frames: {summary}; usage {usage['prompt_tokens']}+{usage['completion_tokens']};"
-          f" attempts {done['timing']['attempts']}; last token -> failover frame {to_failover * 1000:.0f} ms,"
+          f" attempts {done['timing']['attempts']} ({parts}); last token -> failover frame {to_failover * 1000:.0f} ms,"
           f" -> first continued token {to_first * 1000:.0f} ms")
 
 
