@@ -294,3 +294,4 @@ async def test_a_session_resumed_on_another_connection_closes_the_old_one_saying
     finally:
         bridge.stop()
         server.stop()
+
