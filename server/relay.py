@@ -46,6 +46,8 @@ KICK_CODE: dict[Kick, int] = {
     Kick.SLOW_CLIENT: CODE_TO_PROTO[Code.SLOW_READER],
 }
 _CLOSE = pb.ClientFrame(close=pb.Close())
+# A batch to the bridge is closed past this size (the bridge accepts messages up to 64 MiB).
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class RelayedConnection:
@@ -200,6 +202,7 @@ class RelayCall:
             if self._dirty:
                 dirty, self._dirty = self._dirty, {}
                 now_ns = time.monotonic_ns()
+                checked = 0
                 for connection in dirty:
                     runtime = connection.runtime
                     if runtime.owner is not connection:
@@ -207,6 +210,15 @@ class RelayCall:
                     conn = connection.conn
                     for frame in runtime.session.frames_to_send(now_ns):
                         entries.add(conn=conn, frame=frame)
+                    if len(entries) - checked >= 256:  # a long backlog: stay under the bridge's limit
+                        checked = len(entries)
+                        if batch.ByteSize() > MAX_BATCH_BYTES:
+                            self.messages_written += 1
+                            self.entries_written += len(entries)
+                            await write(batch)
+                            batch = pb.RelayDown()
+                            entries = batch.entries
+                            checked = 0
             if self._ended:
                 entries.extend(self._ended)
                 self._ended = []
