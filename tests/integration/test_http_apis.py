@@ -56,6 +56,7 @@ def keys(tmp_path_factory) -> dict[str, str]:
     out = {"db": str(db)}
     out["all"], _ = store.create("all", KeyLimits())
     out["demo-only"], _ = store.create("demo-only", KeyLimits(models=frozenset({"demo"})))
+    out["rpm"], _ = store.create("rpm", KeyLimits(rpm=2))
     store.close()
     return out
 
@@ -165,6 +166,16 @@ def test_rate_limited_is_429_with_retry_after(client):
         assert info.value.status_code == 429
         assert info.value.response.headers["retry-after"] == "2"
         assert info.value.code == "rate_limit_exceeded"
+
+
+def test_the_keys_own_rate_limit_is_429_with_retry_after(chain, keys):
+    c = openai.OpenAI(base_url=chain.api_url + "/v1", api_key=keys["rpm"], max_retries=0)
+    for _ in range(2):
+        assert c.chat.completions.create(model="oa-text", messages=ASK).choices[0].message.content == TEXT
+    with pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model="oa-text", messages=ASK, stream=True)
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 60
+    assert 0 < int(info.value.response.headers["retry-after-ms"]) <= 60_000
 
 
 def test_no_key_and_a_wrong_key_are_401(chain):
