@@ -40,6 +40,7 @@ from aiohttp import web
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame
+from bridge.openai_chat import ApiError
 from bridge.relay import RelayLink
 
 log = logging.getLogger("llmproxy.bridge.sse")
@@ -215,8 +216,8 @@ class SseTransport:
             return self._refused(403, pb.ERROR_CODE_UNAUTHENTICATED, "origin not allowed", None)
         try:
             credential = self._credential_of(request)
-        except Exception as exc:  # ApiError: a malformed key
-            return self._refused(401, pb.ERROR_CODE_UNAUTHENTICATED, str(getattr(exc, "message", "bad key")), cors)
+        except ApiError as exc:  # a malformed key
+            return self._refused(401, pb.ERROR_CODE_UNAUTHENTICATED, exc.message, cors)
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         opening = pb.RelayOpen(
             credential=credential,
@@ -276,7 +277,7 @@ class SseTransport:
                     stopper.cancel()
                 if not done:
                     await response.write(b": keepalive\n\n")
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass  # the EventSource reconnects with Last-Event-ID, or the watchdog detaches
         finally:
             if link.attached is stop:
