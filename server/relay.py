@@ -112,16 +112,16 @@ class RelayCall:
     async def run(self) -> None:
         await self._context.write(pb.RelayDown())  # accepted: the bridge may count on this call
         writer = asyncio.create_task(self._write_loop())
+        reader = asyncio.create_task(self._read_loop())
         try:
-            reader = asyncio.create_task(self._read_loop())
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            reader.cancel()
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            reader.cancel()
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await asyncio.shield(asyncio.gather(reader, writer, return_exceptions=True))
             for connection in list(self._conns.values()):
                 self._release(connection)
             self._conns.clear()
