@@ -10,7 +10,7 @@ GRPC_ADDR ?= 127.0.0.1:50051
 BRIDGE_HOST ?= 127.0.0.1
 BRIDGE_PORT ?= 8765
 METRICS_ADDR ?= 127.0.0.1:9464
-APT_PACKAGES := chromium redis-server
+APT_PACKAGES := chromium redis-server tmux
 NPM_DIR := clients/js
 # The Node gRPC client's packages (@grpc/grpc-js, @grpc/proto-loader) and buf (@bufbuild/buf).
 NODE_DIR := clients/node

@@ -22,8 +22,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = [ROOT / "server", ROOT / "bridge", ROOT / "clients" / "python" / "llmproxy_client"]
-OWN = {"server", "bridge", "llmproxy", "llmproxy_client"}
+PRODUCT = [ROOT / "server", ROOT / "bridge", ROOT / "clients" / "python" / "llmproxy_client", ROOT / "llmproxy_cli"]
+OWN = {"server", "bridge", "llmproxy", "llmproxy_client", "llmproxy_cli"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
