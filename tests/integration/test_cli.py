@@ -164,3 +164,12 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_answer_and_keeps_the_chat(slow_serv
         wait_for(r"^EXIT=0$")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_chat_names_an_unreachable_server_or_an_unknown_model_at_once(fast_server):
+    started = time.monotonic()
+    unreachable = llmproxy("chat", "--target", "127.0.0.1:1", "hi", timeout_s=30)
+    assert unreachable.returncode == 1 and "cannot reach 127.0.0.1:1" in unreachable.stderr, unreachable.stderr
+    assert time.monotonic() - started < 15  # not the reconnect loop's minutes
+    unknown = llmproxy("chat", "--target", fast_server.address, "--model", "nope", "hi")
+    assert unknown.returncode == 1 and "'nope' is not served here; models: demo" in unknown.stderr, unknown.stderr

@@ -23,10 +23,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import grpc
+
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy_client.grpc_client import LLMProxyClient, LLMProxyError
 
 EXIT_STOPPED = 130  # the shell's code for "ended by SIGINT"
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,15 @@ async def read_line(stdin: TextIO) -> str:
 async def run_chat(options: ChatOptions, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     metadata = (("authorization", f"Bearer {options.api_key}"),) if options.api_key else ()
     history: list[dict[str, str]] = [{"role": "system", "content": options.system}] if options.system else []
-    async with LLMProxyClient(options.target, metadata=metadata) as client:
+    async with LLMProxyClient(options.target, metadata=metadata, max_attempts=5) as client:
+        try:  # fail fast on a wrong address or key, before the first prompt
+            models = await asyncio.wait_for(client.list_models(), CONNECT_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else f"no answer in {CONNECT_TIMEOUT_S:.0f} s"
+            raise LLMProxyError("unavailable", f"cannot reach {options.target}: {detail}") from exc
+        names = [m.name for m in models]
+        if options.model not in names:
+            raise LLMProxyError("unknown_model", f"{options.model!r} is not served here; models: {', '.join(names)}")
         if options.prompt:
             _, summary = await stream_answer(client, [*history, {"role": "user", "content": options.prompt}], options, out)
             return EXIT_STOPPED if summary.finish in ("cancelled", "stopped") else 0
