@@ -1,11 +1,12 @@
-"""The Vue composable (clients/js/vue.js) and the RxJS adapter for Angular (clients/js/rxjs.js),
-each in a small page in headless Chromium against a real bridge (issue 18.5).
+"""The React hook (clients/js/react.js), the Vue composable (clients/js/vue.js) and the RxJS
+adapter for Angular (clients/js/rxjs.js), each in a small page in headless Chromium against a
+real bridge (issue 18.5).
 
 tests/browser/framework_page.mjs serves the page (tests/browser/pages/) from a static server of
 its own, as an app's dev server would, and drives it: a long answer stopped (status
 "cancelled", nothing more arrives), a modify (back to "waiting", then "streaming"), a short
 answer to "done" with the page's and the server's time to first token, an unknown model as an
-"error" state with its code. The same state (text, status, timing, error) in both frameworks.
+"error" state with its code. The same state (text, status, timing, error) in all three.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def bridge(request):
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("page", ["vue", "rxjs"])
+@pytest.mark.parametrize("page", ["react", "vue", "rxjs"])
 def test_framework_page_streams_stops_modifies_and_reports_errors(bridge, page):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing (make install-test installs Debian's chromium)")
-    for package in ("playwright-core", "vue", "rxjs"):
+    for package in ("playwright-core", "react", "react-dom", "vue", "rxjs"):
         if not (ROOT / "clients/js/node_modules" / package).is_dir():
             pytest.fail(f"{package} is missing: make install-test (npm install in clients/js)")
 
