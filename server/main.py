@@ -201,6 +201,7 @@ async def serve(options: Options) -> None:
     metrics.watch_routing(router)  # issue 19: routing counters and breaker states in /metrics
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
     analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
+    analytics.live.watch_routing(router)  # failed attempts, retries and failovers on the dashboard
     if options.otlp_endpoint:
         analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
