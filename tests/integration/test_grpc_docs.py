@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -82,9 +83,16 @@ def test_grpcurl_recipes_run_as_written(server):
     commands = recipes()
     assert len(commands) >= 8
     for command in commands:
-        proc = subprocess.run(["bash", "-c", tool + command[len("grpcurl") :]], env=env, capture_output=True, text=True, timeout=30)
+        expected = next(want for key, want in EXPECT if key in command)
+        # The request log behind Stats is written about once a second: ask again until the
+        # streams above are in it (a bounded wait for a condition, not a fixed sleep).
+        deadline = time.monotonic() + (20 if "LLMProxy/Stats" in command else 0)
+        while True:
+            proc = subprocess.run(["bash", "-c", tool + command[len("grpcurl") :]], env=env, capture_output=True, text=True, timeout=30)
+            if expected in proc.stdout or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         # WatchStats runs until -max-time: grpcurl then exits with DeadlineExceeded's status.
         ok = proc.returncode == 0 or ("-max-time" in command and "DeadlineExceeded" in proc.stderr)
         assert ok, f"{command}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        expected = next(want for key, want in EXPECT if key in command)
         assert expected in proc.stdout, f"{command}: {expected!r} not in\n{proc.stdout[-3000:]}"
