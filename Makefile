@@ -11,12 +11,14 @@ BRIDGE_HOST ?= 127.0.0.1
 BRIDGE_PORT ?= 8765
 HTTP_PORT ?= 8766
 METRICS_ADDR ?= 127.0.0.1:9464
-APT_PACKAGES := chromium redis-server
+APT_PACKAGES := chromium redis-server tmux
 NPM_DIR := clients/js
+# The Node gRPC client's packages (@grpc/grpc-js, @grpc/proto-loader) and buf (@bufbuild/buf).
+NODE_DIR := clients/node
 
 PYTHON_MIN := 3.11
 
-.PHONY: check-python install install-test lock protos run test test-unit test-integration bench typecheck clean
+.PHONY: check-python install install-test lint-proto lock protos run test test-unit test-integration bench typecheck clean
 
 ## check-python: Python >= 3.11 (pyproject's requires-python), checked before anything is built,
 ## so an older python3 is named at once instead of failing late in the stub generation or pip.
@@ -71,7 +73,7 @@ $(VENV)/.stamp-install: pyproject.toml $(VENV)/.stamp-deps $(GEN)/.stamp-protos
 
 ## install-test: test extras (hash-checked, from requirements/test.lock), Debian packages
 ## (Chromium, Redis) and npm packages.
-install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp
+install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp $(NODE_DIR)/node_modules/.stamp
 
 $(VENV)/.stamp-test: requirements/test.lock $(VENV)/.stamp-install
 	$(PIP) install --quiet --require-hashes -r requirements/test.lock
@@ -99,6 +101,15 @@ lock: | $(VENV)/.stamp-venv
 $(NPM_DIR)/node_modules/.stamp: $(NPM_DIR)/package.json
 	cd $(NPM_DIR) && npm install --no-audit --no-fund --loglevel=error
 	touch $@
+
+$(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json
+	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+## lint-proto: buf lint and buf breaking (also run by `make test`, tests/unit/test_buf.py).
+lint-proto: $(NODE_DIR)/node_modules/.stamp
+	$(NODE_DIR)/node_modules/.bin/buf lint
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_buf.py
 
 # The secret bridges present on the server's Relay RPC: made once, readable by this user only.
 RELAY_TOKEN := .run/relay-token
@@ -146,4 +157,4 @@ bench: install-test
 	$(PY) -m bench.floor | tee bench/results/floor.txt
 
 clean:
-	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

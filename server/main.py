@@ -25,6 +25,7 @@ from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge.supervisor import Supervisor
 from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
+from server.tracing import OtlpHttpExporter, Tracer
 from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy
@@ -57,6 +58,7 @@ class Options:
     relay_token_file: str = ""  # the bridges' shared secret for the Relay RPC; empty: relay off
     min_ping_interval_ms: int = 10_000  # the least gap between a client's keepalive pings
     routing_seed: int | None = None  # seeds the router's choices (tests); None: unseeded
+    otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint (server/tracing.py); empty: no tracing
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -89,6 +91,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--grpc-min-ping-interval-ms", type=int, default=10_000, help="clients may send keepalive pings this often (bridges: 30 s)"
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--otlp-endpoint", default="", help="send OpenTelemetry traces (OTLP/HTTP JSON) here, e.g. http://127.0.0.1:4318/v1/traces; empty: off")
     parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -126,6 +129,7 @@ def parse_args(argv: list[str] | None) -> Options:
         relay_token_file=args.relay_token_file,
         min_ping_interval_ms=args.grpc_min_ping_interval_ms,
         routing_seed=args.routing_seed,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
@@ -198,6 +202,8 @@ async def serve(options: Options) -> None:
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
     analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
     analytics.live.watch_routing(router)  # failed attempts, retries and failovers on the dashboard
+    if options.otlp_endpoint:
+        analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
@@ -247,6 +253,8 @@ async def serve(options: Options) -> None:
     await servicer.aclose()
     await catalog.aclose()
     await analytics.flush()
+    if analytics.tracer is not None:
+        await analytics.tracer.aclose()
     if request_log is not None:
         request_log.close()
     if key_store is not None:

@@ -35,12 +35,13 @@ from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy, Principal
 from server.catalog import Catalog
-from server.core.events import Failed, StreamEvent
+from server.core.events import Attempt, Failed, StreamEvent
 from server.core.registry import SessionRegistry
 from server.core.session import CancelUpstream, Session, StartUpstream, StreamRecord
 from server.core.session_limits import SessionLimits
 from server.errors import InternalError, ProxyError, StreamCut
 from server.routing import Router
+from server.tracing import TraceContext, Tracer, traceparent_of
 
 log = logging.getLogger("llmproxy.server")
 
@@ -77,9 +78,11 @@ class Attachment(Protocol):
 class SessionRuntime:
     """Drives one session's upstream work."""
 
-    def __init__(self, session: Session, router: Router) -> None:
+    def __init__(self, session: Session, router: Router, tracer: Tracer | None = None) -> None:
         self.session = session
         self._router = router
+        self.tracer = tracer  # OpenTelemetry (server/tracing.py); None: off
+        self.trace_parent: TraceContext | None = None  # the client's traceparent, if it sent one
         self._upstreams: dict[str, asyncio.Task[None]] = {}
         self.owner: Attachment | None = None
         # The key's models and limits, checked before a start reaches the session (auth on).
@@ -127,21 +130,33 @@ class SessionRuntime:
 
     async def _run_upstream(self, action: StartUpstream) -> None:
         stream_id, session = action.stream_id, self.session
+        tracer = self.tracer
+        trace = tracer.begin_stream(session.id, stream_id, self.trace_parent) if tracer else None
+        attempt_error: str | None = "cancelled"  # until the upstream work ends otherwise
         try:
             async with aclosing(self._router.stream(action.request)) as events:
                 async for event in events:
+                    if tracer and trace and isinstance(event, Attempt):  # a retry or failover replaces a failed one
+                        tracer.begin_attempt(trace, event.provider, event.upstream_model, event.deployment)
                     if not self.feed_event(stream_id, event):
+                        attempt_error = None
                         return
+            attempt_error = None
             if session.is_live(stream_id):  # the provider ended without a finish event
+                attempt_error = "stream_cut"
                 self.feed_event(stream_id, Failed(StreamCut("the provider's stream ended early")))
         except ProxyError as exc:
+            attempt_error = exc.code.name.lower()
             if session.is_live(stream_id):
                 self.feed_event(stream_id, Failed(exc))
         except Exception:
+            attempt_error = "internal"
             log.error("stream failed with an internal error", exc_info=True)
             if session.is_live(stream_id):
                 self.feed_event(stream_id, Failed(InternalError()))
         finally:
+            if tracer and trace:
+                tracer.end_attempt(trace, attempt_error)
             if self._upstreams.get(stream_id) is asyncio.current_task():
                 del self._upstreams[stream_id]
 
@@ -287,7 +302,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         """A fresh session of `owner` (an API key id, "" without keys), not yet attached, that
         came in through `api` (for analytics). Raises `TooManySessions`."""
         session = self._registry.create(time.monotonic_ns(), owner, api)
-        runtime = SessionRuntime(session, self._router)
+        runtime = SessionRuntime(session, self._router, self._analytics.tracer)
         self._runtimes[session.id] = runtime
         return runtime
 
@@ -437,6 +452,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             return
         if principal is not None:
             runtime.admit = self._admission(principal)
+        runtime.trace_parent = traceparent_of(context.invocation_metadata())
         connection = Connection(self, runtime, context)
         runtime.owner = connection
         connection.notify()  # the `session` frame

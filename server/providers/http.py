@@ -53,6 +53,7 @@ from server.providers.adapter import Adapter, Endpoint, StreamDecoder, UpstreamR
 from server.providers.base import DeploymentInfo
 from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
 from server.providers.sse import SSEDecoder
+from server.tracing import inject_traceparent
 
 log = logging.getLogger("llmproxy.providers")
 
@@ -351,6 +352,7 @@ class HttpBackend:
         """
         adapter, timeouts = self._adapter, self._endpoint.timeouts
         upstream_request = adapter.build_request(request, self._endpoint)
+        inject_traceparent(upstream_request.headers)  # the attempt's span, when tracing is on
         decoder = adapter.new_decoder()
         sse = SSEDecoder()
         loop = asyncio.get_running_loop()
