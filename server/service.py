@@ -185,6 +185,8 @@ class Connection:
                 for frame in frames:
                     await write(frame)
                 self.write_since_ns = 0
+                if session.has_output():
+                    runtime.wake.set()  # a replay goes out in pieces (Session.frames_to_send)
             if not self._reading and session.live_streams == 0 and not session.has_output():
                 return
 

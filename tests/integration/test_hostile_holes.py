@@ -1,0 +1,148 @@
+"""Holes an attacker finds (issue 20). Each attack runs beside a canary: a well-behaved client
+streaming over the bridge whose largest gap between two token frames must stay under 250 ms
+while the attack runs (the demo paces it at 20 ms a token). The gaps are printed (`-s`) and
+written to $LLMPROXY_CANARY_LOG when set, for the issue's closing note."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import grpc
+import orjson
+import pytest
+
+from llmproxy.v1 import llmproxy_pb2 as pb
+from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from server.auth.limits import KeyLimits
+from server.auth.store import KeyStore
+from tests.integration.conftest import FAST_DEMO
+from tests.support.procs import start_proxy
+from tests.support.ws import open_ws, recv, send, start_frame
+
+MAX_GAP_S = 0.250
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def grpc_auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, str]:
+    db = tmp_path_factory.mktemp("holes") / "keys.sqlite3"
+    store = KeyStore(str(db))
+    out = {"db": str(db)}
+    for name in ("canary", "attacker"):
+        out[name], _ = store.create(name, KeyLimits())
+    store.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def proxy(keys):
+    p = start_proxy((*FAST_DEMO, "--auth-db", keys["db"]))
+    yield p
+    assert p.server.popen.poll() is None and p.bridge.popen.poll() is None, "an attack took a process down"
+    p.stop()
+
+
+@asynccontextmanager
+async def canary(proxy, key: str, name: str) -> AsyncIterator[None]:
+    """Streams a long answer over the bridge while the body runs; asserts its largest gap
+    between token frames, from the first token to the end of the body, is under 250 ms."""
+    async with open_ws(proxy.ws_url, additional_headers=auth(key)) as ws:
+        await send(ws, start_frame("canary", max_tokens=5000))
+        arrivals: list[float] = []
+        first = asyncio.get_running_loop().create_future()
+
+        async def read() -> None:
+            while True:
+                frame = await recv(ws, 30)
+                if frame["type"] == "token":
+                    arrivals.append(time.monotonic())
+                    if not first.done():
+                        first.set_result(None)
+                elif frame["type"] in ("done", "error"):
+                    raise AssertionError(f"the canary's stream ended during the attack: {frame}")
+
+        reader = asyncio.create_task(read())
+        try:
+            await asyncio.wait_for(asyncio.shield(first), 10)
+            started = time.monotonic()
+            yield
+            ended = time.monotonic()
+            # the last gap runs to the end of the attack: a stall that never ends counts too
+            await asyncio.sleep(MAX_GAP_S)
+            if reader.done():
+                reader.result()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        times = [t for t in arrivals if t >= started]
+        gaps = [b - a for a, b in zip([started, *times], [*times, max(ended, times[-1] if times else ended)])]
+        largest = max(gaps)
+        line = f"canary {name}: largest gap {largest * 1000:.0f} ms over {ended - started:.1f} s, {len(times)} token frames"
+        print(line)
+        if path := os.environ.get("LLMPROXY_CANARY_LOG"):
+            with open(path, "a") as out:
+                out.write(line + "\n")
+        assert largest < MAX_GAP_S, line
+
+
+async def beside(proxy, keys, name: str, attack: Callable[[], Awaitable[None]]) -> None:
+    async with canary(proxy, keys["canary"], name):
+        await attack()
+    assert proxy.server.popen.poll() is None and proxy.bridge.popen.poll() is None
+
+
+async def grpc_frames(call, until: Callable[[pb.ServerFrame], bool], timeout_s: float = 20.0) -> list[pb.ServerFrame]:
+    out = []
+    async def read() -> None:
+        async for frame in call:
+            out.append(frame)
+            if until(frame):
+                return
+    await asyncio.wait_for(read(), timeout_s)
+    return out
+
+
+# -- 1. one resume frame must not freeze the server -------------------------------------------------
+
+
+@pytest.mark.parametrize("copies, why", [(60_000, "at most"), (50, "twice")])
+async def test_a_resume_naming_one_stream_many_times_is_refused_and_freezes_nobody(proxy, keys, copies, why):
+    metadata = grpc_auth(keys["attacker"])
+
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(proxy.grpc_target) as channel:
+            stub = pb_grpc.LLMProxyStub(channel)
+            victim = stub.Stream(metadata=metadata)  # the attacker's own session, with a full buffer
+            await victim.write(pb.ClientFrame(start=pb.StartStream(stream_id="v", model="demo", params=pb.GenerationParams(max_tokens=300),
+                                                                    messages=[pb.ChatMessage(role="user", content="hi")])))
+            frames = await grpc_frames(victim, lambda f: f.WhichOneof("kind") in ("done", "error"), 30)
+            session = frames[0].session
+            victim.cancel()
+            call = stub.Stream(metadata=metadata)
+            await call.write(pb.ClientFrame(resume=pb.Resume(session_id=session.session_id, resume_token=session.resume_token,
+                                                             streams=[pb.StreamPosition(stream_id="v", last_seq=0)] * copies)))
+            got = await grpc_frames(call, lambda f: f.WhichOneof("kind") == "error")
+            err = got[-1].error
+            assert err.code == pb.ERROR_CODE_INVALID_REQUEST and err.seq == 0 and why in err.message, err
+            # the connection stays usable: a proper resume of the same session replays once
+            call.cancel()
+            call = stub.Stream(metadata=metadata)
+            await call.write(pb.ClientFrame(resume=pb.Resume(session_id=session.session_id, resume_token=session.resume_token,
+                                                             streams=[pb.StreamPosition(stream_id="v", last_seq=0)])))
+            got = await grpc_frames(call, lambda f: f.WhichOneof("kind") == "done")
+            (resumed,) = [f.resumed for f in got if f.WhichOneof("kind") == "resumed"]
+            assert resumed.streams[0].replayed >= 2 and sum(f.WhichOneof("kind") == "done" for f in got) == 1
+            call.cancel()
+
+    await beside(proxy, keys, f"resume naming one stream x{copies}", attack)
