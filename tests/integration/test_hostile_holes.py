@@ -146,3 +146,61 @@ async def test_a_resume_naming_one_stream_many_times_is_refused_and_freezes_nobo
             call.cancel()
 
     await beside(proxy, keys, f"resume naming one stream x{copies}", attack)
+
+
+# -- 2. configured provider secrets never reach a client, a log line or the request log ------------
+
+SECRET_SHAPES = {  # deployment -> (provider, base path, key): keys of several shapes, none key-like
+    "compat": ("openai-compatible", "/v1", "token-PROVSECRET-77"),
+    "spaced": ("openai", "/v1", "Prov Secret 42 spaced"),
+    "short": ("openai-compatible", "/v1", "Pz7q"),
+    "slashy": ("anthropic", "/v1", "prv/SECRET+b64=="),
+    "gem": ("gemini", "/v1beta", "gemPROVSECRET.9"),
+}
+HEADER_SECRET = "orgHEADERSECRET-5566"
+
+
+async def test_a_provider_that_echoes_our_key_in_its_error_never_shows_it(tmp_path, keys):
+    from tests.support.procs import start
+
+    fakes = {p: start(f"fake-{p}", [f"tests.fakes.{p}", "--port", "0"], f"fake-{p} listening on ")
+             for p in ("openai", "anthropic", "gemini")}
+    fake_of = {"openai": "openai", "openai-compatible": "openai", "anthropic": "anthropic", "gemini": "gemini"}
+    lines = ["models:"]
+    env = {}
+    for name, (provider, base, key) in SECRET_SHAPES.items():
+        for status in (400, 401, 500):
+            lines += [f"  {name}-{status}:", f"    provider: {provider}", f'    model: "m@status={status},echo"',
+                      f"    base_url: http://{fakes[fake_of[provider]].address}{base}", f"    key: env:HOLES_{name.upper()}_KEY",
+                      f"    headers: {{X-Org-Token: {HEADER_SECRET}}}"]
+        env[f"HOLES_{name.upper()}_KEY"] = key
+    config = tmp_path / "llmproxy.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    request_log = tmp_path / "requests.sqlite3"
+    p = start_proxy((*FAST_DEMO, "--config", str(config), "--log-level", "DEBUG", "--auth-db", keys["db"],
+                     "--request-log", str(request_log)), ("--log-level", "DEBUG"), env)
+    frames: list[str] = []
+    try:
+        async def attack() -> None:
+            async with open_ws(p.ws_url, additional_headers=auth(keys["attacker"])) as ws:
+                for name in SECRET_SHAPES:
+                    for status in (400, 401, 500):
+                        await send(ws, start_frame("e", model=f"{name}-{status}"))
+                        while True:
+                            raw = await asyncio.wait_for(ws.recv(), 20)
+                            frames.append(raw)
+                            if orjson.loads(raw)["type"] in ("done", "error"):
+                                break
+
+        await beside(p, keys, "provider echoes its key", attack)
+    finally:
+        p.stop()
+        for fake in fakes.values():
+            fake.stop()
+    text = "\n".join([*frames, *p.log_lines()])
+    text += request_log.read_bytes().decode("utf-8", "replace") if request_log.exists() else ""
+    assert text.count("rejected the request (HTTP 400)") >= len(SECRET_SHAPES), text[-3000:]
+    assert "you sent" in text  # the echo reached the message (so its scrubbing is what is tested)
+    for _, _, key in SECRET_SHAPES.values():
+        assert key not in text, key
+    assert HEADER_SECRET not in text
