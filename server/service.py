@@ -29,13 +29,14 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
-from server.auth.policy import AuthPolicy, Principal
+from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
+from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
 from server.catalog import Catalog
-from server.core.events import Failed, StreamEvent
+from server.core.events import Failed, Routed, StreamEvent
 from server.core.registry import SessionRegistry
 from server.core.session import CancelUpstream, Session, StartUpstream, StreamRecord
 from server.core.session_limits import SessionLimits
-from server.errors import InternalError, ProxyError, StreamCut
+from server.errors import InternalError, ProxyError, StreamCut, Unauthenticated
 from server.routing import Router
 
 log = logging.getLogger("llmproxy.server")
@@ -59,14 +60,15 @@ class SessionRuntime:
         self._upstreams: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.owner: Connection | None = None
-        # The key's models and limits, checked before a start reaches the session (auth on).
-        self.admit: Callable[[pb.StartStream], ProxyError | None] | None = None
+        # The key's models and limits, checked before a start or modify reaches the session
+        # (auth on): each is a new provider request (server/auth/admission.py).
+        self.admit: Callable[[pb.ClientFrame], ProxyError | None] | None = None
 
     def feed_frame(self, frame: pb.ClientFrame) -> None:
-        if self.admit is not None and frame.WhichOneof("kind") == "start":
-            refused = self.admit(frame.start)
+        if self.admit is not None and frame.WhichOneof("kind") in ADMITTED:
+            refused = self.admit(frame)
             if refused is not None:  # an error with seq 0, before any upstream call
-                self.session.reject(frame.start.stream_id, refused)
+                self.session.reject(stream_id_of(frame), refused)
                 self.wake.set()
                 return
         self.session.receive_frame(frame, time.monotonic_ns())
@@ -74,6 +76,9 @@ class SessionRuntime:
 
     def feed_event(self, stream_id: str, event: StreamEvent) -> bool:
         """Feeds one event of a live stream; returns whether the stream is still live."""
+        if self.admit is not None and type(event) is Routed and self.session.has_content(stream_id):
+            refused = self.admit(continuation(stream_id))  # a continuation is a provider request too
+            event = event if refused is None else Failed(refused)
         live = self.session.receive_event(stream_id, event, time.monotonic_ns())
         self.wake.set()
         return live
@@ -267,6 +272,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     async def janitor(self) -> None:
         """Expires detached sessions, sends heartbeats, drops clients that stopped reading."""
         slow_ns = int(self._settings.slow_client_timeout_s * 1e9)
+        if self._auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
+            watcher = asyncio.create_task(self._auth.watch(self.cancel_key_streams))
+            asyncio.current_task().add_done_callback(lambda _: watcher.cancel())  # type: ignore[union-attr]
         while True:
             await asyncio.sleep(self._settings.janitor_interval_s)
             now = time.monotonic_ns()
@@ -292,6 +300,14 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             self._analytics.tick(now, active, len(self._registry), tokens + self._tokens_gone)
             await self._analytics.flush()
 
+    def cancel_key_streams(self, key_id: str) -> None:
+        """The key was revoked with --cancel-streams: its sessions end, their streams fail."""
+        now = time.monotonic_ns()
+        for runtime in list(self._runtimes.values()):
+            if runtime.session.owner == key_id:
+                runtime.session.fail_all(Unauthenticated(REVOKED_MESSAGE), now)
+                runtime.apply()
+
     def _forget(self, session: Session) -> None:
         """A session leaves the server: keep its last records and its token count."""
         self._analytics.add(self._charged(session), time.monotonic_ns())
@@ -300,8 +316,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def _charged(self, session: Session) -> list[StreamRecord]:
         """Takes the session's ended-stream records, counting their tokens against its key."""
         records = session.records()
-        if self._auth is not None and records:
-            self._auth.charge(session.owner, sum(r.completion_tokens + r.reasoning_tokens for r in records))
+        abandoned = session.take_abandoned_tokens()  # generations that a modify replaced
+        if self._auth is not None and (records or abandoned):
+            self._auth.charge(session.owner, abandoned + sum(r.completion_tokens + r.reasoning_tokens for r in records))
         return records
 
     # -- authentication --------------------------------------------------------------------------
@@ -316,18 +333,12 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             await (_refuse_stream if streaming else _refuse)(context, grpc.StatusCode.UNAUTHENTICATED, exc.message)
             raise  # not reached: abort raises
 
-    def _admission(self, principal: Principal) -> Callable[[pb.StartStream], ProxyError | None]:
-        """The per-start check of one key: its models, rates, budget and live streams."""
+    def _admission(self, principal: Principal, session: Session) -> Callable[[pb.ClientFrame], ProxyError | None]:
+        """The per-request check of one key: revocation, models, rates, budget, live streams."""
         auth = self._auth
         assert auth is not None
 
-        def admit(start: pb.StartStream) -> ProxyError | None:
-            live = 0
-            if principal.limits.concurrency:
-                live = sum(r.session.live_streams for r in self._runtimes.values() if r.session.owner == principal.key_id)
-            return auth.admit(principal, start.model, live)
-
-        return admit
+        return Admission(auth, principal, session, self._runtimes)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
@@ -357,7 +368,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             return
         runtime = SessionRuntime(session, self._router)
         if principal is not None:
-            runtime.admit = self._admission(principal)
+            runtime.admit = self._admission(principal, session)
         self._runtimes[session.id] = runtime
         connection = Connection(self, runtime, context)
         runtime.owner = connection

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     revoke = sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("--db", required=True)
     revoke.add_argument("key_id")
+    revoke.add_argument(
+        "--cancel-streams", action="store_true", help="also end the key's running streams (every server, within 1 s)"
+    )
     args = parser.parse_args(argv)
     store = KeyStore(args.db)
     try:
@@ -61,10 +64,16 @@ def main(argv: list[str] | None = None) -> int:
                     f" connections={l.connections} budget={l.budget_tokens}/{l.budget_period_s}s"
                 )
         else:
-            if not store.revoke(args.key_id):
+            if not store.revoke(args.key_id, args.cancel_streams):
                 print(f"no active key {args.key_id!r}", file=sys.stderr)
                 return 1
-            print(f"revoked {args.key_id}")
+            print(f"revoked {args.key_id}" + (" and cancelled its streams" if args.cancel_streams else ""))
+            if not args.cancel_streams:
+                print(
+                    "its open connections can start no new stream within 1 s; its running streams go on"
+                    " (revoke again with --cancel-streams to end them)",
+                    file=sys.stderr,
+                )
     finally:
         store.close()
     return 0

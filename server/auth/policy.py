@@ -7,11 +7,21 @@ WebSocket handshake; it never reads identity from JSON frames). Every failure is
 or revoked. Then, per stream start, `admit` applies the key's models and limits
 (server/auth/limits.py) before anything goes upstream.
 
-The clock is injected; the store is the only I/O (one SQLite read per call).
+Revocation. A connection is authenticated once, when it opens; afterwards every admission
+(start, modify, continuation) also checks the key against the store's revocations, read at
+most every `REVOCATION_MAX_AGE_S` (a cached set, so a burst of starts costs one read), so an
+open connection's new streams are refused (`unauthenticated`) within that time of `revoke`, on
+every server process. `watch` polls the same list every `REVOCATION_POLL_S` and reports keys
+revoked with `--cancel-streams`, whose running streams the servicer then ends.
+
+The clock is injected; the store is the only I/O (one SQLite read per call, and the polls).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +31,11 @@ from server.auth.store import MAX_KEY_CHARS, KeyStore
 from server.errors import ProxyError, Unauthenticated
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required (authorization: Bearer <key>)"
+REVOKED_MESSAGE = "this API key was revoked"
+REVOCATION_MAX_AGE_S = 0.5  # an admission reads the revocations again when they are older
+REVOCATION_POLL_S = 0.25  # how often `watch` reads them
+
+log = logging.getLogger("llmproxy.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,9 @@ class AuthPolicy:
         self._clock = clock
         self._limiter = KeyLimiter()
         self._limits: dict[str, KeyLimits] = {}  # key id -> limits seen at its last authentication
+        self._revoked: dict[str, bool] = {}  # key id -> cancel its streams, as last read
+        self._revoked_read_s = float("-inf")
+        self._cancelled: set[str] = set()  # keys whose streams `watch` has reported
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
         """Raises `Unauthenticated` for a missing, malformed, unknown or revoked key."""
@@ -66,8 +84,39 @@ class AuthPolicy:
     def close_connection(self, principal: Principal) -> None:
         self._limiter.close_connection(principal.key_id)
 
+    def is_revoked(self, key_id: str) -> bool:
+        """Whether the key was revoked, as read at most `REVOCATION_MAX_AGE_S` ago."""
+        if self._clock() - self._revoked_read_s >= REVOCATION_MAX_AGE_S:
+            self.read_revocations()
+        return key_id in self._revoked
+
+    def read_revocations(self) -> list[str]:
+        """Reads the store's revocations; returns the keys newly marked to have their streams
+        cancelled. A store that cannot be read keeps the last answer (and is logged)."""
+        try:
+            revoked = self._store.revocations()
+        except sqlite3.Error as exc:
+            log.warning("cannot read key revocations: %s", exc)
+            return []
+        self._revoked = revoked
+        self._revoked_read_s = self._clock()
+        new = [key_id for key_id, cancel in revoked.items() if cancel and key_id not in self._cancelled]
+        self._cancelled.update(new)
+        return new
+
+    async def watch(self, cancel_streams: Callable[[str], None], interval_s: float = REVOCATION_POLL_S) -> None:
+        """Polls the revocations forever; calls `cancel_streams(key_id)` once for each key
+        revoked with `--cancel-streams`. Cancelling it is safe."""
+        self.read_revocations()  # keys cancelled before this server started have no streams here
+        while True:
+            await asyncio.sleep(interval_s)
+            for key_id in self.read_revocations():
+                cancel_streams(key_id)
+
     def admit(self, principal: Principal, model: str, live_streams: int) -> ProxyError | None:
         """None if the stream may start, else the typed error to answer it with."""
+        if self.is_revoked(principal.key_id):
+            return Unauthenticated(REVOKED_MESSAGE)
         try:
             self._limiter.admit(principal.key_id, principal.limits, model, live_streams, self._clock())
         except ProxyError as exc:

@@ -154,12 +154,29 @@ class Session:
         # the current snapshot of its buffer, the seq handed out last).
         self._replaying: deque[_Replay] = deque()
         self._next_auto_id = 1
+        self._abandoned_tokens = 0
         self.tokens_relayed = 0  # content events of every stream, for throughput figures
 
     # -- queries ---------------------------------------------------------------------------------
 
     def is_live(self, stream_id: str) -> bool:
         return stream_id in self._streams
+
+    def model_of(self, stream_id: str) -> str | None:
+        """The model of a live stream (None when it is not live)."""
+        stream = self._streams.get(stream_id)
+        return stream.request.model if stream is not None else None
+
+    def has_content(self, stream_id: str) -> bool:
+        """The live stream has content: a `Routed` now starts a continuation."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.phase is Phase.STREAMING
+
+    def take_abandoned_tokens(self) -> int:
+        """Completion tokens of generations that `modify` abandoned since the last call: the
+        provider produced them, so the key is charged for them."""
+        tokens, self._abandoned_tokens = self._abandoned_tokens, 0
+        return tokens
 
     @property
     def live_streams(self) -> int:
@@ -223,6 +240,16 @@ class Session:
             stream.move(CANCEL)
             self._actions.append(CancelUpstream(stream.id))
             self._finish(stream, FinishReason.CANCELLED, now_ns)
+
+    def fail_all(self, error: ProxyError, now_ns: int) -> None:
+        """Ends the session: every live stream fails with `error` (a revoked key's streams),
+        its upstream is cancelled; nothing is resumable afterwards."""
+        self.closed = True
+        for stream in list(self._streams.values()):
+            self._settle(stream.id)
+            stream.move(Failed(error))
+            self._actions.append(CancelUpstream(stream.id))
+            self._fail(stream, error, now_ns)
 
     def tick(self, now_ns: int) -> None:
         """Sends a heartbeat for every live stream that has sent nothing for the interval."""
@@ -511,6 +538,8 @@ class Session:
             return
         stream.move(MODIFY)
         latency_us = (now_ns - stream.last_ns) // 1000
+        usage = self._usage(stream)
+        self._abandoned_tokens += usage.completion_tokens + usage.reasoning_tokens
         request = replace(stream.request, messages=tuple(base))
         self._settle(sid)
         stream.restart(request, now_ns)

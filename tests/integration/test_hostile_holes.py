@@ -204,3 +204,157 @@ async def test_a_provider_that_echoes_our_key_in_its_error_never_shows_it(tmp_pa
     for _, _, key in SECRET_SHAPES.values():
         assert key not in text, key
     assert HEADER_SECRET not in text
+
+
+# -- 3. revocation reaches open connections ---------------------------------------------------------
+
+
+def new_key(keys, name: str, **limits) -> tuple[str, str]:
+    store = KeyStore(keys["db"])
+    try:
+        key, record = store.create(name, KeyLimits(**limits))
+    finally:
+        store.close()
+    return key, record.key_id
+
+
+def revoke(keys, key_id: str, *flags: str) -> None:
+    from server.auth.cli import main
+
+    assert main(["revoke", "--db", keys["db"], key_id, *flags]) == 0
+
+
+async def read_until(ws, done: Callable[[dict], bool], timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        frame = await recv(ws, deadline - time.monotonic())
+        if done(frame):
+            return frame
+
+
+async def test_after_revoke_an_open_websocket_starts_nothing_new_within_1s(proxy, keys):
+    key, key_id = new_key(keys, "leaked-ws")
+
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(key)) as ws:
+            await send(ws, start_frame("running", max_tokens=100))
+            await read_until(ws, lambda f: f["type"] == "token")
+            revoke(keys, key_id)
+            revoked_at = time.monotonic()
+            n = 0
+            while True:  # a start every 100 ms until one is refused
+                n += 1
+                await send(ws, start_frame(f"new{n}", max_tokens=1))
+                frame = await read_until(ws, lambda f: f.get("id") == f"new{n}" and f["type"] in ("started", "error"))
+                if frame["type"] == "error":
+                    break
+                assert time.monotonic() - revoked_at < 1.0, "a new stream started more than 1 s after the revocation"
+                await asyncio.sleep(0.1)
+            assert frame["code"] == "unauthenticated" and frame["seq"] == 0, frame
+            assert time.monotonic() - revoked_at < 1.0
+            # without --cancel-streams the running stream finishes
+            await read_until(ws, lambda f: f.get("id") == "running" and f["type"] == "done", 20)
+            await send(ws, start_frame("later", max_tokens=1))
+            frame = await read_until(ws, lambda f: f.get("id") == "later")
+            assert frame["type"] == "error" and frame["code"] == "unauthenticated"
+
+    await beside(proxy, keys, "revoked key keeps its websocket", attack)
+
+
+async def test_after_revoke_an_open_grpc_call_starts_nothing_new_within_1s(proxy, keys):
+    key, key_id = new_key(keys, "leaked-grpc")
+
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(proxy.grpc_target) as channel:
+            call = pb_grpc.LLMProxyStub(channel).Stream(metadata=grpc_auth(key))
+            frames = call.__aiter__()
+            assert (await frames.__anext__()).WhichOneof("kind") == "session"
+            revoke(keys, key_id)
+            revoked_at = time.monotonic()
+            n = 0
+            while True:
+                n += 1
+                await call.write(pb.ClientFrame(start=pb.StartStream(stream_id=f"g{n}", model="demo", params=pb.GenerationParams(max_tokens=1),
+                                                                     messages=[pb.ChatMessage(role="user", content="hi")])))
+                while True:
+                    frame = await asyncio.wait_for(frames.__anext__(), 10)
+                    kind = frame.WhichOneof("kind")
+                    if kind in ("started", "error") and getattr(frame, kind).stream_id == f"g{n}":
+                        break
+                if kind == "error":
+                    break
+                assert time.monotonic() - revoked_at < 1.0
+                await asyncio.sleep(0.1)
+            assert frame.error.code == pb.ERROR_CODE_UNAUTHENTICATED and frame.error.seq == 0
+            assert time.monotonic() - revoked_at < 1.0
+            call.cancel()
+
+    await beside(proxy, keys, "revoked key keeps its grpc call", attack)
+
+
+async def test_revoke_with_cancel_streams_ends_the_running_streams_within_1s(proxy, keys):
+    key, key_id = new_key(keys, "leaked-cancel")
+
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(key)) as ws:
+            for sid in ("r1", "r2"):
+                await send(ws, start_frame(sid, max_tokens=1000))
+            await read_until(ws, lambda f: f["type"] == "token" and f["id"] == "r2")
+            revoke(keys, key_id, "--cancel-streams")
+            revoked_at = time.monotonic()
+            ended = {}
+            while len(ended) < 2:
+                frame = await read_until(ws, lambda f: f["type"] in ("done", "error") and f.get("seq", 0) > 0)
+                ended[frame["id"]] = frame
+            assert time.monotonic() - revoked_at < 1.0
+            assert {f["type"] for f in ended.values()} == {"error"} and {f["code"] for f in ended.values()} == {"unauthenticated"}
+
+    await beside(proxy, keys, "revoke --cancel-streams", attack)
+
+
+# -- 4. every provider request is admitted and every attempt charged --------------------------------
+
+
+async def test_modify_counts_against_requests_per_minute(proxy, keys):
+    key, _ = new_key(keys, "rpm2", rpm=2)
+
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(key)) as ws:
+            await send(ws, start_frame("m", max_tokens=1000))  # request 1
+            await read_until(ws, lambda f: f["type"] == "token")
+            await send(ws, {"type": "modify", "id": "m", "append": [{"role": "user", "content": "shorter"}]})  # request 2
+            await read_until(ws, lambda f: f["type"] == "restarted")
+            await send(ws, {"type": "modify", "id": "m", "append": [{"role": "user", "content": "again"}]})  # request 3: refused
+            frame = await read_until(ws, lambda f: f["type"] in ("restarted", "error"))
+            assert frame["type"] == "error" and frame["code"] == "rate_limited" and frame["seq"] == 0, frame
+            await read_until(ws, lambda f: f["type"] == "token" and f["id"] == "m")  # the stream goes on
+            await send(ws, {"type": "cancel", "id": "m"})
+
+    await beside(proxy, keys, "modify past rpm", attack)
+
+
+async def test_the_tokens_of_abandoned_generations_are_charged(proxy, keys):
+    key, _ = new_key(keys, "budget30", budget_tokens=30)
+
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(key)) as ws:
+            await send(ws, start_frame("b", max_tokens=1000))
+            tokens = 0
+            refused = None
+            deadline = time.monotonic() + 15
+            while refused is None and time.monotonic() < deadline:
+                frame = await recv(ws)
+                if frame["type"] == "token":
+                    tokens += frame.get("count", 1)
+                    if tokens % 12 == 0:  # a modify every 12 tokens: no generation reaches 30
+                        await send(ws, {"type": "modify", "id": "b", "append": [{"role": "user", "content": "more"}]})
+                elif frame["type"] == "error" and frame["seq"] == 0:
+                    refused = frame
+            assert refused is not None and refused["code"] == "quota_exceeded", refused
+            await send(ws, {"type": "cancel", "id": "b"})
+            await read_until(ws, lambda f: f["type"] == "done")
+            await send(ws, start_frame("after", max_tokens=5))
+            frame = await read_until(ws, lambda f: f.get("id") == "after")
+            assert frame["type"] == "error" and frame["code"] == "quota_exceeded"
+
+    await beside(proxy, keys, "modify past the token budget", attack)

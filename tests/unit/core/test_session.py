@@ -257,3 +257,30 @@ def test_continuation_after_content_sends_a_failover_frame_and_keeps_seq():
     assert kinds(frames) == ["started", "token", "failover", "token", "done"]
     assert (frames[2].failover.seq, frames[2].failover.deployment) == (3, "backup")
     assert frames[-1].done.deployment == "backup" and frames[-1].done.timing.attempts == 2
+
+
+def test_fail_all_fails_every_live_stream_cancels_upstream_and_closes():
+    from server.errors import Unauthenticated
+
+    s = make()
+    start(s, "a")
+    start(s, "b")
+    routed(s, "a")
+    s.receive_event("a", TextDelta("x"), 2 * MS)
+    s.actions_to_take()
+    s.frames_to_send()
+    s.fail_all(Unauthenticated("this API key was revoked"), 3 * MS)
+    frames = s.frames_to_send()
+    assert sorted((f.error.stream_id, f.error.code) for f in frames) == [("a", pb.ERROR_CODE_UNAUTHENTICATED), ("b", pb.ERROR_CODE_UNAUTHENTICATED)]
+    assert all(f.error.seq > 0 for f in frames) and s.live_streams == 0 and s.closed
+    assert sorted(a.stream_id for a in s.actions_to_take()) == ["a", "b"]
+
+
+def test_tokens_of_a_generation_that_modify_abandons_are_kept_for_charging():
+    s = make()
+    start(s)
+    routed(s)
+    for i in range(5):
+        s.receive_event("a", TextDelta("x"), (2 + i) * MS)
+    s.receive_frame(pb.ClientFrame(modify=pb.Modify(stream_id="a", append=[pb.ChatMessage(role="user", content="more")])), 10 * MS)
+    assert s.take_abandoned_tokens() == 5 and s.take_abandoned_tokens() == 0
