@@ -27,7 +27,7 @@ from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy
 from server.auth.store import KeyStore
-from server.config import ConfigError, ServerConfig, build_catalog
+from server.config import DEMO_MODES, ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
 from server.routing import Router
@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--demo-tokens-per-s", type=float, default=40.0, help="demo pace; 0 = unpaced")
     parser.add_argument("--demo-jitter", type=float, default=0.3, help="demo relative jitter per gap")
     parser.add_argument("--demo-seed", type=int, default=0)
+    parser.add_argument("--demo", choices=DEMO_MODES, default="on", help="built-in demo models: on (keys must name them), off, all-keys")
     parser.add_argument("--max-streams", type=int, default=32, help="concurrent streams per call")
     parser.add_argument("--shutdown-grace-s", type=float, default=5.0)
     parser.add_argument("--resume-grace-s", type=float, default=30.0, help="streams outlive a dropped connection this long")
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None) -> Options:
         limits=SessionLimits(max_streams=args.max_streams),
         shutdown_grace_s=args.shutdown_grace_s,
         config_path=args.config,
+        demo=args.demo,
     )
     service = ServiceSettings(
         limits=replace(config.limits, heartbeat_interval_s=args.heartbeat_interval_s, stall_threshold_s=args.stall_threshold_s),
@@ -159,7 +161,7 @@ async def serve(options: Options) -> None:
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
     analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state), enabled=options.analytics)
     key_store = KeyStore(options.auth_db) if options.auth_db else None
-    auth = AuthPolicy(key_store) if key_store is not None else None
+    auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
     if options.metrics_listen:
         from prometheus_client import start_http_server

@@ -406,10 +406,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         principal = await self._authenticate(context)
-        allowed = principal.limits.models if principal is not None else frozenset()
         models = []
         for name in self._catalog.names():
-            if allowed and name not in allowed:
+            if principal is not None and self._auth is not None and not self._auth.may_use(principal, name):
                 continue
             deployments = [
                 pb.DeploymentInfo(

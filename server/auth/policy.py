@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from server.auth.limits import KeyLimiter, KeyLimits
 from server.auth.store import MAX_KEY_CHARS, KeyStore
-from server.errors import ProxyError, Unauthenticated
+from server.errors import ForbiddenModel, ProxyError, Unauthenticated
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required (authorization: Bearer <key>)"
 REVOKED_MESSAGE = "this API key was revoked"
@@ -59,9 +59,10 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
 
 
 class AuthPolicy:
-    def __init__(self, store: KeyStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: KeyStore, clock: Callable[[], float] = time.time, keys_must_name: frozenset[str] = frozenset()) -> None:
         self._store = store
         self._clock = clock
+        self._keys_must_name = keys_must_name  # models a key's list must name (the built-in demo)
         self._limiter = KeyLimiter()
         self._limits: dict[str, KeyLimits] = {}  # key id -> limits seen at its last authentication
         self._revoked: dict[str, bool] = {}  # key id -> cancel its streams, as last read
@@ -113,10 +114,18 @@ class AuthPolicy:
             for key_id in self.read_revocations():
                 cancel_streams(key_id)
 
+    def may_use(self, principal: Principal, model: str) -> bool:
+        """Whether the key's model list allows `model` (an empty list allows every model but
+        those that must be named)."""
+        models = principal.limits.models
+        return model in models if (models or model in self._keys_must_name) else True
+
     def admit(self, principal: Principal, model: str, live_streams: int) -> ProxyError | None:
         """None if the stream may start, else the typed error to answer it with."""
         if self.is_revoked(principal.key_id):
             return Unauthenticated(REVOKED_MESSAGE)
+        if not self.may_use(principal, model):
+            return ForbiddenModel(f"this API key may not use model {model!r}")
         try:
             self._limiter.admit(principal.key_id, principal.limits, model, live_streams, self._clock())
         except ProxyError as exc:

@@ -13,6 +13,8 @@ class SessionLimits:
     max_stream_id_chars: int = 128
     max_tokens_cap: int = 1_000_000  # a larger max_tokens is a mistake, not a request
     max_stop_sequences: int = 16
+    max_stop_chars: int = 256  # per stop sequence: matching costs this much per token at most
+    max_json_depth: int = 64  # nesting of a tool's parameters schema
     max_tools: int = 128
     max_replay_frames: int = 8192  # per stream; older frames cannot be replayed
     max_ended_streams: int = 64  # ended streams kept for replay, per session

@@ -7,6 +7,11 @@ a time to first token, then tokens at a rate with relative jitter, all drawn fro
 a seeded request streams the same tokens at the same gaps every time.
 
 It is also the fake the core's and the chain's tests use: its pace is set per deployment.
+
+Bounds (it needs no key, so every client may reach it): an answer is at most `DemoPace.max_tokens`
+tokens however large the request's `max_tokens`, and stop sequences are matched against the
+text's last `longest stop - 1` characters plus the new token, so a token costs the same however
+long the answer already is.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class DemoPace:
     tokens_per_s: float = 40.0
     jitter: float = 0.3  # relative: each gap is interval * (1 +/- jitter)
     seed: int = 0
+    max_tokens: int = 4096  # the longest answer, whatever the request's max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +111,16 @@ class DemoBackend:
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         seed = request.seed if request.seed is not None else self._pace.seed
         rng = random.Random(f"{seed}:{prompt}")
-        limit = request.max_tokens
+        limit = min(request.max_tokens, self._pace.max_tokens) if request.max_tokens is not None else None
         pace = self._pace
         interval = 1.0 / pace.tokens_per_s if pace.tokens_per_s > 0 else 0.0
         yield UsageReport(prompt_tokens=count_prompt_tokens(request))
 
         await asyncio.sleep(pace.ttft_s)
         emitted = 0
-        text_so_far: list[str] = []
+        stops = request.stop
+        keep = max((len(s) for s in stops), default=1) - 1  # characters a stop can start before a token
+        tail = ""  # the end of the text so far: where a stop ending in the next token can begin
         reason = FinishReason.STOP
         entries = choose_answer(self._corpus, prompt)
         # Without max_tokens the answer is the best entry; with it, further entries follow
@@ -126,16 +134,16 @@ class DemoBackend:
                 await asyncio.sleep(max(0.0, interval * (1 + rng.uniform(-pace.jitter, pace.jitter))))
             elif not interval:
                 await asyncio.sleep(0)  # stay cooperative when unpaced
-            if request.stop:
-                text_so_far.append(token)
-                joined = "".join(text_so_far)
-                hit = min((joined.find(s) for s in request.stop if s in joined), default=-1)
+            if stops:
+                window = tail + token
+                hit = min((window.find(s) for s in stops if s in window), default=-1)
                 if hit >= 0:
-                    cut = joined[len(joined) - len(token) : hit]
+                    cut = window[len(tail) : hit]
                     if cut:
                         yield TextDelta(cut)
                         emitted += 1
                     break
+                tail = window[-keep:] if keep else ""
             yield TextDelta(token)
             emitted += 1
         yield UsageReport(completion_tokens=emitted)

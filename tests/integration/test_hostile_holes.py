@@ -39,8 +39,8 @@ def keys(tmp_path_factory) -> dict[str, str]:
     db = tmp_path_factory.mktemp("holes") / "keys.sqlite3"
     store = KeyStore(str(db))
     out = {"db": str(db)}
-    for name in ("canary", "attacker"):
-        out[name], _ = store.create(name, KeyLimits())
+    for name in ("canary", "attacker"):  # the demo models are off for keys that do not name them
+        out[name], _ = store.create(name, KeyLimits(models=frozenset({"demo", "demo-fast"})))
     store.close()
     return out
 
@@ -181,8 +181,10 @@ async def test_a_provider_that_echoes_our_key_in_its_error_never_shows_it(tmp_pa
                      "--request-log", str(request_log)), ("--log-level", "DEBUG"), env)
     frames: list[str] = []
     try:
+        key, _ = new_key(keys, "echo", models=frozenset())  # every configured model
+
         async def attack() -> None:
-            async with open_ws(p.ws_url, additional_headers=auth(keys["attacker"])) as ws:
+            async with open_ws(p.ws_url, additional_headers=auth(key)) as ws:
                 for name in SECRET_SHAPES:
                     for status in (400, 401, 500):
                         await send(ws, start_frame("e", model=f"{name}-{status}"))
@@ -209,7 +211,8 @@ async def test_a_provider_that_echoes_our_key_in_its_error_never_shows_it(tmp_pa
 # -- 3. revocation reaches open connections ---------------------------------------------------------
 
 
-def new_key(keys, name: str, **limits) -> tuple[str, str]:
+def new_key(keys, name: str, models=frozenset({"demo"}), **limits) -> tuple[str, str]:
+    limits["models"] = models
     store = KeyStore(keys["db"])
     try:
         key, record = store.create(name, KeyLimits(**limits))
@@ -358,3 +361,88 @@ async def test_the_tokens_of_abandoned_generations_are_charged(proxy, keys):
             assert frame["type"] == "error" and frame["code"] == "quota_exceeded"
 
     await beside(proxy, keys, "modify past the token budget", attack)
+
+
+# -- 5. the built-in demo models are bounded ---------------------------------------------------------
+
+
+async def test_keys_that_do_not_name_the_demo_models_cannot_use_them(proxy, keys):
+    key, _ = new_key(keys, "all-models", models=frozenset())
+
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(key)) as ws:
+            for model in ("demo", "demo-fast"):
+                await send(ws, start_frame("d", model=model, max_tokens=5))
+                frame = await read_until(ws, lambda f: f.get("id") == "d")
+                assert frame["type"] == "error" and frame["code"] == "forbidden_model" and frame["seq"] == 0, frame
+        async with grpc.aio.insecure_channel(proxy.grpc_target) as channel:
+            reply = await pb_grpc.LLMProxyStub(channel).ListModels(pb.ListModelsRequest(), metadata=grpc_auth(key))
+            assert not {"demo", "demo-fast"} & {m.name for m in reply.models}
+
+    await beside(proxy, keys, "demo for a key that does not name it", attack)
+
+
+async def test_the_demo_models_can_be_turned_off(proxy_factory):
+    p = proxy_factory((*FAST_DEMO, "--demo", "off"))
+    async with open_ws(p.ws_url) as ws:
+        await send(ws, start_frame("d", max_tokens=5))
+        frame = await read_until(ws, lambda f: f.get("id") == "d")
+        assert frame["type"] == "error" and frame["code"] == "unknown_model", frame
+
+
+async def test_demo_fast_unbounded_with_never_matching_stops_is_capped_and_starves_nobody(proxy, keys):
+    stops = [f"{i:x}" * 256 for i in range(16)]  # the most stops of the longest length allowed
+
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(keys["attacker"])) as ws:
+            for i in range(4):
+                await send(ws, start_frame(f"f{i}", model="demo-fast", max_tokens=1_000_000, stop=stops))
+            ended = {}
+            counts = dict.fromkeys(ended, 0)
+            while len(ended) < 4:
+                frame = await recv(ws, 30)
+                if frame["type"] == "token":
+                    counts[frame["id"]] = counts.get(frame["id"], 0) + frame.get("count", 1)
+                elif frame["type"] in ("done", "error"):
+                    ended[frame["id"]] = frame
+            assert {f["type"] for f in ended.values()} == {"done"} and {f["finish_reason"] for f in ended.values()} == {"length"}
+            assert set(counts.values()) == {4096}, counts
+
+    await beside(proxy, keys, "demo-fast x4 max_tokens 1e6, 16 stops", attack)
+
+
+# -- 6. deep JSON gets a typed error and the connection goes on ----------------------------------------
+
+
+async def test_deeply_nested_tool_parameters_are_invalid_request_over_websocket(proxy, keys):
+    async def attack() -> None:
+        async with open_ws(proxy.ws_url, additional_headers=auth(keys["attacker"])) as ws:
+            for depth in (65, 300, 1000):
+                nested = "{}"
+                for _ in range(depth - 1):
+                    nested = '{"a": ' + nested + "}"
+                tool = '{"type": "function", "function": {"name": "t", "parameters": ' + nested + "}}"
+                await ws.send('{"type": "start", "id": "j", "model": "demo", "messages": [{"role": "user", "content": "hi"}], "tools": [' + tool + "]}")
+                frame = await read_until(ws, lambda f: f.get("id") == "j" or f["type"] == "error")
+                assert frame["type"] == "error" and frame["code"] in ("invalid_request", "malformed_frame") and frame["seq"] == 0, frame
+            await send(ws, start_frame("after", max_tokens=3))
+            assert (await read_until(ws, lambda f: f.get("id") == "after" and f["type"] in ("done", "error")))["type"] == "done"
+
+    await beside(proxy, keys, "deep tool parameters over websocket", attack)
+
+
+async def test_deeply_nested_parameters_json_is_invalid_request_over_grpc(proxy, keys):
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(proxy.grpc_target) as channel:
+            call = pb_grpc.LLMProxyStub(channel).Stream(metadata=grpc_auth(keys["attacker"]))
+            tool = pb.ToolDefinition(name="t", parameters_json="[" * 10_000 + "]" * 10_000)
+            msg = [pb.ChatMessage(role="user", content="hi")]
+            await call.write(pb.ClientFrame(start=pb.StartStream(stream_id="j", model="demo", messages=msg, tools=[tool])))
+            got = await grpc_frames(call, lambda f: f.WhichOneof("kind") == "error")
+            assert got[-1].error.code == pb.ERROR_CODE_INVALID_REQUEST and "nests deeper" in got[-1].error.message, got[-1]
+            await call.write(pb.ClientFrame(start=pb.StartStream(stream_id="after", model="demo", messages=msg, params=pb.GenerationParams(max_tokens=2))))
+            got = await grpc_frames(call, lambda f: f.WhichOneof("kind") in ("done", "error"))
+            assert got[-1].WhichOneof("kind") == "done"
+            call.cancel()
+
+    await beside(proxy, keys, "deep parameters_json over grpc", attack)
