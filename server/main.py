@@ -35,6 +35,7 @@ from server.service import LLMProxyServicer, ServiceSettings
 
 log = logging.getLogger("llmproxy.server")
 
+HANDSHAKE_TIMEOUT_MS = 5_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMProxy"].full_name
 
 
@@ -155,6 +156,9 @@ async def serve(options: Options) -> None:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            # A connection that has not completed its HTTP/2 preface (and TLS) by then is
+            # closed (the default held silent connections for about a minute).
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ]
     )
     metrics = Metrics()

@@ -446,3 +446,102 @@ async def test_deeply_nested_parameters_json_is_invalid_request_over_grpc(proxy,
             call.cancel()
 
     await beside(proxy, keys, "deep parameters_json over grpc", attack)
+
+
+# -- 7. client keys never reach bridge logs or responses -------------------------------------------
+
+HANDSHAKE = ("GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+async def raw_http(port: int, request: bytes, timeout_s: float = 10.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+async def test_headers_the_bridge_cannot_parse_never_show_the_key(keys, proxy_factory):
+    p = proxy_factory((*FAST_DEMO, "--auth-db", keys["db"], "--log-level", "DEBUG"), ("--log-level", "DEBUG"))
+    key = keys["canary"]
+    secret = key.split("_", 2)[2]
+    replies = []
+
+    async def attack() -> None:
+        for extra in (
+            f"Authorization: Bearer {key}\rX: 1\r\n",  # a bare CR
+            f"Authorization: Bearer {key}\x00\r\n",  # a NUL
+            f"Sec-WebSocket-Protocol: llmproxy; llmproxy.bearer.{key}\r\n",  # not a comma list
+        ):
+            replies.append(await raw_http(p.bridge.port, HANDSHAKE.encode("latin-1") + extra.encode("latin-1") + b"\r\n"))
+
+    async with canary(p, key, "unparseable key headers"):
+        await attack()
+    text = b"\n".join(replies).decode("latin-1") + "\n".join(p.log_lines())
+    assert "HTTP/1.1 400" in text  # the refusals happened
+    assert key not in text and secret not in text and secret[:20] not in text
+
+
+# -- 8. tenants see only themselves -------------------------------------------------------------------
+
+
+# -- 9. small ones ----------------------------------------------------------------------------------------
+
+
+async def test_two_origin_headers_get_403_without_a_traceback(proxy, keys):
+    async def attack() -> None:
+        reply = await raw_http(proxy.bridge.port, (HANDSHAKE + "Origin: http://a.example\r\nOrigin: http://b.example\r\n\r\n").encode())
+        assert reply.startswith(b"HTTP/1.1 403"), reply[:200]
+
+    await beside(proxy, keys, "two Origin headers", attack)
+    assert not [line for line in proxy.bridge.lines if "ERROR" in line or "Traceback" in line]
+
+
+async def test_head_has_no_body_and_post_is_not_allowed(proxy, keys):
+    async def attack() -> None:
+        get = await raw_http(proxy.bridge.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        head = await raw_http(proxy.bridge.port, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        post = await raw_http(proxy.bridge.port, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        get_head, _, get_body = get.partition(b"\r\n\r\n")
+        head_head, _, head_body = head.partition(b"\r\n\r\n")
+        assert get_head.startswith(b"HTTP/1.1 200") and len(get_body) > 100
+        assert head_head.startswith(b"HTTP/1.1 200") and head_body == b"" and f"Content-Length: {len(get_body)}".encode() in head_head
+        assert post.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD" in post and b"<html" not in post.lower()
+
+    await beside(proxy, keys, "HEAD and POST", attack)
+
+
+async def test_malformed_and_unknown_keys_get_the_same_answer(proxy, keys):
+    from websockets.asyncio.client import connect
+
+    answers = {}
+
+    async def attack() -> None:
+        for name, key in (("malformed", "not a key!"), ("unknown", "llmp_000000000000_" + "A" * 43), ("scheme", None)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {"Authorization": "Basic abc"}
+            async with connect(proxy.ws_url, additional_headers=headers) as ws:
+                frame = await recv(ws)
+                try:
+                    await recv(ws)
+                except Exception:
+                    pass
+                answers[name] = (frame["type"], frame["code"], frame["message"], ws.close_code)
+
+    await beside(proxy, keys, "malformed vs unknown keys", attack)
+    assert len(set(answers.values())) == 1, answers
+
+
+async def test_a_connection_that_never_starts_http2_is_closed_within_10s(proxy, keys):
+    async def attack() -> None:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.grpc_target.rsplit(":", 1)[1]))
+        try:
+            await asyncio.wait_for(reader.read(), 15)  # EOF once the server gives up on it
+        finally:
+            writer.close()
+        assert time.monotonic() - started < 10
+
+    await beside(proxy, keys, "silent gRPC connection", attack)
