@@ -30,6 +30,7 @@ from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
 from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
+from server.auth.tenancy import tenant_view, watching
 from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
 from server.catalog import Catalog
 from server.core.events import Failed, Routed, StreamEvent
@@ -386,7 +387,8 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         return session.summary(time.monotonic_ns())
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        await self._authenticate(context)  # with keys configured, any valid key may read aggregates
+        principal = await self._authenticate(context)  # a key reads its own rows; an admin key all
+        tenant = principal.tenant() if principal is not None else None
         log_ = self._analytics.request_log
         group_by = request.group_by or "model"
         if group_by not in GROUPS:
@@ -394,15 +396,16 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if log_ is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the request log is off (server --request-log)")
         assert log_ is not None
-        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by)
+        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by, None, tenant)
         return pb.StatsResponse(rows=[pb.StatsRow(**row) for row in rows])  # type: ignore[arg-type]
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext) -> None:
-        await self._authenticate(context)
+        principal = await self._authenticate(context)
         interval_s = max(200, request.interval_ms or 1000) / 1000
-        while True:
-            await context.write(self._analytics.snapshot())
-            await asyncio.sleep(interval_s)
+        async with watching(self._auth, principal, context):  # counts as one of the key's connections
+            while True:
+                await context.write(self._analytics.snapshot(tenant_view(principal, self._runtimes.values())))
+                await asyncio.sleep(interval_s)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         principal = await self._authenticate(context)

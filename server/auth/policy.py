@@ -44,6 +44,11 @@ class Principal:
 
     key_id: str
     limits: KeyLimits
+    admin: bool = False  # sees every tenant's statistics
+
+    def tenant(self) -> str | None:
+        """The key id whose statistics this caller may read; None: every tenant's (admin)."""
+        return None if self.admin else self.key_id
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
@@ -76,7 +81,7 @@ class AuthPolicy:
         if record is None:
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         self._limits[record.key_id] = record.limits
-        return Principal(record.key_id, record.limits)
+        return Principal(record.key_id, record.limits, record.admin)
 
     def open_connection(self, principal: Principal) -> None:
         """Raises `TooManyConnections`; call `close_connection` when the call ends."""

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     budget_period_s INTEGER NOT NULL DEFAULT 86400,
     created_at REAL NOT NULL,
     revoked_at REAL,
-    cancel_streams INTEGER NOT NULL DEFAULT 0
+    cancel_streams INTEGER NOT NULL DEFAULT 0,
+    admin INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -55,6 +56,7 @@ class KeyRecord:
     limits: KeyLimits
     created_at: float
     revoked: bool
+    admin: bool = False  # reads every tenant's statistics (others see only their own)
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
@@ -68,18 +70,20 @@ class KeyStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
         if "cancel_streams" not in columns:  # a store made before revocations could cancel
             self._db.execute("ALTER TABLE api_keys ADD COLUMN cancel_streams INTEGER NOT NULL DEFAULT 0")
+        if "admin" not in columns:  # a store made before the admin role
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
 
-    def create(self, name: str, limits: KeyLimits) -> tuple[str, KeyRecord]:
+    def create(self, name: str, limits: KeyLimits, admin: bool = False) -> tuple[str, KeyRecord]:
         """Makes a key; returns its plaintext (shown once, never stored) and its record."""
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         now = time.time()
         self._db.execute(
             "INSERT INTO api_keys (id, name, salt, digest, models, rpm, tpm, concurrency, connections,"
-            " budget_tokens, budget_period_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " budget_tokens, budget_period_s, created_at, admin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key_id,
                 name,
@@ -93,9 +97,10 @@ class KeyStore:
                 limits.budget_tokens,
                 limits.budget_period_s,
                 now,
+                int(admin),
             ),
         )
-        return f"{KEY_PREFIX}_{key_id}_{secret}", KeyRecord(key_id, name, limits, now, False)
+        return f"{KEY_PREFIX}_{key_id}_{secret}", KeyRecord(key_id, name, limits, now, False, admin)
 
     def list(self) -> list[KeyRecord]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
@@ -132,11 +137,11 @@ class KeyStore:
         return None if record.revoked else record
 
 
-_COLUMNS = "id, name, models, rpm, tpm, concurrency, connections, budget_tokens, budget_period_s, created_at, revoked_at"
+_COLUMNS = "id, name, models, rpm, tpm, concurrency, connections, budget_tokens, budget_period_s, created_at, revoked_at, admin"
 
 
 def _record(row: tuple[object, ...]) -> KeyRecord:
-    key_id, name, models, rpm, tpm, concurrency, connections, budget, period, created, revoked = row
+    key_id, name, models, rpm, tpm, concurrency, connections, budget, period, created, revoked, admin = row
     limits = KeyLimits(
         models=frozenset(m for m in str(models).split(",") if m),
         rpm=int(rpm),  # type: ignore[call-overload]
@@ -146,4 +151,4 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
         budget_tokens=int(budget),  # type: ignore[call-overload]
         budget_period_s=int(period),  # type: ignore[call-overload]
     )
-    return KeyRecord(str(key_id), str(name), limits, float(created), revoked is not None)  # type: ignore[arg-type]
+    return KeyRecord(str(key_id), str(name), limits, float(created), revoked is not None, bool(admin))  # type: ignore[arg-type]

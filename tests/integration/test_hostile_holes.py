@@ -488,6 +488,68 @@ async def test_headers_the_bridge_cannot_parse_never_show_the_key(keys, proxy_fa
 # -- 8. tenants see only themselves -------------------------------------------------------------------
 
 
+async def test_a_tenant_reads_only_its_own_stats_and_stream_ids(keys, tmp_path, proxy_factory):
+    p = proxy_factory((*FAST_DEMO, "--auth-db", keys["db"], "--request-log", str(tmp_path / "requests.sqlite3")))
+    store = KeyStore(keys["db"])
+    admin, admin_record = store.create("admin", KeyLimits(models=frozenset({"demo"})), admin=True)
+    store.close()
+    victim, victim_id = new_key(keys, "victim")
+    tenant, tenant_id = new_key(keys, "tenant")
+
+    async def attack() -> None:
+        for key, sid in ((victim, "victim-secret-stream"), (tenant, "tenant-stream")):
+            async with open_ws(p.ws_url, additional_headers=auth(key)) as ws:
+                await send(ws, start_frame(sid, max_tokens=3))
+                await read_until(ws, lambda f: f["type"] == "done")
+        async with grpc.aio.insecure_channel(p.grpc_target) as channel:
+            stub = pb_grpc.LLMProxyStub(channel)
+            deadline = time.monotonic() + 10
+            while True:  # the request log is written within about a second
+                everyone = await stub.Stats(pb.StatsRequest(window_s=600, group_by="client"), metadata=grpc_auth(admin))
+                if {victim_id, tenant_id} <= {r.name for r in everyone.rows} or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert {victim_id, tenant_id} <= {r.name for r in everyone.rows}
+            own = await stub.Stats(pb.StatsRequest(window_s=600, group_by="client"), metadata=grpc_auth(tenant))
+            assert [r.name for r in own.rows] == [tenant_id]
+            by_model = await stub.Stats(pb.StatsRequest(window_s=600, group_by="model"), metadata=grpc_auth(tenant))
+            assert sum(r.streams for r in by_model.rows) == 1
+            seen = {}
+            for name, key in (("tenant", tenant), ("admin", admin)):
+                call = stub.WatchStats(pb.WatchStatsRequest(interval_ms=200), metadata=grpc_auth(key))
+                snaps = []
+                async for snap in call:
+                    snaps.append(snap)
+                    if len(snaps) == 2:
+                        break
+                call.cancel()
+                seen[name] = {s.stream_id for snap in snaps for s in snap.slowest}
+            assert seen["tenant"] == {"tenant-stream"}, seen
+            assert {"tenant-stream", "victim-secret-stream"} <= seen["admin"]
+
+    async with canary(p, keys["canary"], "stats of other tenants"):
+        await attack()
+
+
+async def test_watch_stats_calls_count_against_the_connection_limit(proxy, keys):
+    key, _ = new_key(keys, "conn4", connections=4)
+
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(proxy.grpc_target) as channel:
+            stub = pb_grpc.LLMProxyStub(channel)
+            calls = [stub.WatchStats(pb.WatchStatsRequest(interval_ms=1000), metadata=grpc_auth(key)) for _ in range(4)]
+            for call in calls:
+                await call.read()  # each holds a connection now
+            extra = stub.WatchStats(pb.WatchStatsRequest(interval_ms=1000), metadata=grpc_auth(key))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await extra.read()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls:
+                call.cancel()
+
+    await beside(proxy, keys, "WatchStats past the connection limit", attack)
+
+
 # -- 9. small ones ----------------------------------------------------------------------------------------
 
 
