@@ -117,7 +117,10 @@ class AuthPolicy:
         while True:
             await asyncio.sleep(interval_s)
             for key_id in self.read_revocations():
-                cancel_streams(key_id)
+                try:
+                    cancel_streams(key_id)
+                except Exception:  # a bug of ours must not end the watch for every later key
+                    log.error("cancelling the streams of revoked key %s failed", key_id, exc_info=True)
 
     def may_use(self, principal: Principal, model: str) -> bool:
         """Whether the key's model list allows `model` (an empty list allows every model but

@@ -559,7 +559,7 @@ class Session:
         if stream.conversation:
             answer = stream.answer()
             history = [*stream.request.messages, *([answer] if answer.content or answer.tool_calls else [])]
-            self._conversations[stream.conversation] = _trim(history, self._limits.max_history_messages)
+            self._conversations[stream.conversation] = _trim(history, self._limits.max_history_messages, self._limits.max_history_chars)
 
     def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
         self._end(stream)
@@ -683,11 +683,18 @@ def _fill(merge: tuple[pb.TokenDelta, int, Stream, int]) -> None:
         token.count = count
 
 
-def _trim(history: Iterable[ChatMessage], limit: int) -> list[ChatMessage]:
-    """Keeps the last `limit` messages, and a leading system message if there was one."""
+def _trim(history: Iterable[ChatMessage], limit: int, max_chars: int) -> list[ChatMessage]:
+    """Keeps the last `limit` messages holding at most `max_chars` characters of content (at
+    least the last message), and a leading system message if there was one: a conversation
+    cannot grow each request it prefixes past what one request may carry."""
     items = list(history)
-    if len(items) <= limit:
-        return items
-    if items and items[0].role == "system":
-        return [items[0], *items[len(items) - limit + 1 :]]
-    return items[len(items) - limit :]
+    head = [items[0]] if items and items[0].role == "system" else []
+    rest = items[len(head) :]
+    budget = max_chars - sum(len(m.content) for m in head)
+    kept = 0
+    for message in reversed(rest[-(limit - len(head)) :] if limit > len(head) else []):
+        budget -= len(message.content)
+        if budget < 0 and kept:
+            break
+        kept += 1
+    return [*head, *rest[len(rest) - kept :]] if kept else head

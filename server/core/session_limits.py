@@ -20,6 +20,7 @@ class SessionLimits:
     max_ended_streams: int = 64  # ended streams kept for replay, per session
     max_conversations: int = 32  # per session
     max_history_messages: int = 256  # per conversation; the oldest are dropped first
+    max_history_chars: int = 2_000_000  # content kept per conversation; the oldest dropped first
     heartbeat_interval_s: float = 15.0  # a live stream silent this long gets a heartbeat
     stall_threshold_s: float = 2.0  # a gap between tokens longer than this is a stall
     ux_target_ttft_s: float = 1.0  # a first token within this is "satisfied" (docs/analytics.md)

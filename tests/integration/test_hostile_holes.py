@@ -148,6 +148,25 @@ async def test_a_resume_naming_one_stream_many_times_is_refused_and_freezes_nobo
     await beside(proxy, keys, f"resume naming one stream x{copies}", attack)
 
 
+async def test_a_prompt_of_megabytes_to_the_demo_freezes_nobody(proxy, keys):
+    """A client-chosen size that multiplied work in one loop turn: the demo tokenized the whole
+    prompt to count it (0.67 s for 8 MB) and scanned it all for keywords."""
+
+    async def attack() -> None:
+        async with grpc.aio.insecure_channel(proxy.grpc_target, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
+            call = pb_grpc.LLMProxyStub(channel).Stream(metadata=grpc_auth(keys["attacker"]))
+            text = "quantum words and more words. " * 33_000  # ~1M characters
+            messages = [pb.ChatMessage(role="user", content=text[:1_000_000])] * 8
+            for i in range(2):
+                await call.write(pb.ClientFrame(start=pb.StartStream(stream_id=f"big{i}", model="demo", messages=messages, conversation=f"c{i}",
+                                                                     params=pb.GenerationParams(max_tokens=2))))
+            got = await grpc_frames(call, lambda f: f.WhichOneof("kind") == "done" and f.done.stream_id == "big1", 30)
+            assert sum(f.WhichOneof("kind") == "done" for f in got) == 2
+            call.cancel()
+
+    await beside(proxy, keys, "8 MB prompts to the demo", attack)
+
+
 # -- 2. configured provider secrets never reach a client, a log line or the request log ------------
 
 SECRET_SHAPES = {  # deployment -> (provider, base path, key): keys of several shapes, none key-like

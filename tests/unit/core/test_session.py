@@ -284,3 +284,14 @@ def test_tokens_of_a_generation_that_modify_abandons_are_kept_for_charging():
         s.receive_event("a", TextDelta("x"), (2 + i) * MS)
     s.receive_frame(pb.ClientFrame(modify=pb.Modify(stream_id="a", append=[pb.ChatMessage(role="user", content="more")])), 10 * MS)
     assert s.take_abandoned_tokens() == 5 and s.take_abandoned_tokens() == 0
+
+
+def test_conversation_history_is_trimmed_by_characters_too():
+    from server.core.request import ChatMessage
+    from server.core.session import _trim
+
+    history = [ChatMessage("system", "s" * 10), *(ChatMessage("user", "x" * 100) for _ in range(10))]
+    kept = _trim(history, 256, 350)
+    assert kept[0].role == "system" and len(kept) == 4  # 10 + 3 * 100 <= 350
+    assert len(_trim([ChatMessage("user", "y" * 1000)], 256, 10)) == 1  # the last message always stays
+    assert len(_trim(history, 5, 10_000)) == 5
