@@ -13,36 +13,67 @@ METRICS_ADDR ?= 127.0.0.1:9464
 APT_PACKAGES := chromium redis-server
 NPM_DIR := clients/js
 
-.PHONY: install install-test protos run test test-unit test-integration bench typecheck clean
+PYTHON_MIN := 3.11
 
-## install: virtual environment, Python packages, generated stubs.
+.PHONY: check-python install install-test lock protos run test test-unit test-integration bench typecheck clean
+
+## check-python: Python >= 3.11 (pyproject's requires-python), checked before anything is built,
+## so an older python3 is named at once instead of failing late in the stub generation or pip.
+## An existing .venv is checked too (one made by an older Python is stale: `make clean`).
+check-python:
+	@set -u; \
+	if [ -x $(PY) ]; then py=$(PY); else py='$(PYTHON)'; fi; \
+	v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || v=""; \
+	major=$${v%%.*}; minor=$${v#*.}; \
+	if ! [[ "$$v" =~ ^[0-9]+\.[0-9]+$$ ]]; then \
+	  echo "llmproxy needs Python $(PYTHON_MIN) or newer, and '$$py' did not run as a Python interpreter." >&2; \
+	  echo "Install Python $(PYTHON_MIN)+ and pass it: make $(or $(MAKECMDGOALS),install) PYTHON=python$(PYTHON_MIN)" >&2; \
+	  exit 1; \
+	elif [ "$$major" -lt 3 ] || { [ "$$major" -eq 3 ] && [ "$$minor" -lt $(word 2,$(subst ., ,$(PYTHON_MIN))) ]; }; then \
+	  echo "llmproxy needs Python $(PYTHON_MIN) or newer; '$$py' is Python $$v." >&2; \
+	  if [ "$$py" = "$(PY)" ]; then \
+	    echo "$(VENV) was made by that Python: make clean, then make $(or $(MAKECMDGOALS),install) PYTHON=python$(PYTHON_MIN)" >&2; \
+	  else \
+	    echo "Install Python $(PYTHON_MIN)+ and pass it: make $(or $(MAKECMDGOALS),install) PYTHON=python$(PYTHON_MIN)" >&2; \
+	  fi; \
+	  exit 1; \
+	fi
+
+## install: virtual environment, Python packages (hash-checked, from requirements/run.lock), stubs.
 install: $(VENV)/.stamp-install
 
-$(VENV)/.stamp-venv:
+$(VENV)/.stamp-venv: | check-python
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	touch $@
+
+# Every package comes from a lock file with hashes: the runtime and build tools (grpcio-tools,
+# setuptools) from run.lock, the test extras on top from test.lock (pinned to the same versions).
+# The project itself is then installed without resolving anything (--no-deps) and built with the
+# locked setuptools (--no-build-isolation), so nothing unpinned is downloaded.
+$(VENV)/.stamp-deps: requirements/run.lock | $(VENV)/.stamp-venv
+	$(PIP) install --quiet --require-hashes -r requirements/run.lock
 	touch $@
 
 # Stubs are generated from protos/ into gen/ (not committed); `make protos` reproduces them.
 protos: $(GEN)/.stamp-protos
 
-$(GEN)/.stamp-protos: $(PROTOS) $(VENV)/.stamp-venv
-	$(PIP) install --quiet "grpcio-tools>=1.62"
+$(GEN)/.stamp-protos: $(PROTOS) $(VENV)/.stamp-deps
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --pyi_out=$(GEN) \
 	    --grpc_python_out=$(GEN) $(PROTOS)
 	touch $(GEN)/llmproxy/__init__.py $(GEN)/llmproxy/v1/__init__.py $(GEN)/llmproxy/py.typed
 	touch $@
 
-$(VENV)/.stamp-install: pyproject.toml $(GEN)/.stamp-protos
-	$(PIP) install --quiet -e .
+$(VENV)/.stamp-install: pyproject.toml $(VENV)/.stamp-deps $(GEN)/.stamp-protos
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-## install-test: test extras, Debian packages (Chromium, Redis) and npm packages.
+## install-test: test extras (hash-checked, from requirements/test.lock), Debian packages
+## (Chromium, Redis) and npm packages.
 install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-install
-	$(PIP) install --quiet -e '.[test]'
+$(VENV)/.stamp-test: requirements/test.lock $(VENV)/.stamp-install
+	$(PIP) install --quiet --require-hashes -r requirements/test.lock
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
@@ -51,15 +82,37 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-install
 	fi
 	touch $@
 
+## lock: regenerate requirements/run.lock and test.lock from pyproject.toml with pip-tools, keeping
+## the pins that still fit; `make lock UPGRADE=1` moves every pin to the newest release. The locks
+## are resolved for the Python that runs this (the README says which one they were made with).
+LOCK_ARGS = --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links $(if $(UPGRADE),--upgrade)
+
+lock: | $(VENV)/.stamp-venv
+	$(PIP) install --quiet "pip-tools>=7.4"
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) --extra build \
+	    -o requirements/run.lock pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) --extra build --extra test \
+	    -c requirements/run.lock -o requirements/test.lock pyproject.toml
+
 $(NPM_DIR)/node_modules/.stamp: $(NPM_DIR)/package.json
 	cd $(NPM_DIR) && npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The secret bridges present on the server's Relay RPC: made once, readable by this user only.
+RELAY_TOKEN := .run/relay-token
+# Extra page origins the bridge accepts (space-separated), e.g. ALLOWED_ORIGINS=https://app.example.com
+ALLOWED_ORIGINS ?=
+
+$(RELAY_TOKEN):
+	@mkdir -p $(dir $@) && umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
+
 ## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream).
-run: install
+run: install $(RELAY_TOKEN)
 	@set -u; \
-	$(PY) -m server.main --listen $(GRPC_ADDR) --metrics-listen $(METRICS_ADDR) & srv=$$!; \
-	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) & brg=$$!; \
+	$(PY) -m server.main --listen $(GRPC_ADDR) --metrics-listen $(METRICS_ADDR) --relay-token-file $(RELAY_TOKEN) & srv=$$!; \
+	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
+	    $(foreach o,$(ALLOWED_ORIGINS),--allowed-origin $(o)) & brg=$$!; \
 	trap 'kill -TERM $$srv $$brg 2>/dev/null; wait $$srv $$brg' INT TERM; \
 	echo "llmproxy: gRPC   $(GRPC_ADDR)  (grpcurl -plaintext $(GRPC_ADDR) list)"; \
 	echo "llmproxy: stream ws://$(BRIDGE_HOST):$(BRIDGE_PORT)/stream"; \

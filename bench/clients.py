@@ -15,6 +15,8 @@ channel as the bridge does) on every path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ class StreamSpec:
     max_tokens: int
     stamped: bool  # tokens carry the fake upstream's send stamps (`|<ns>` per token)
     timeout_s: float
+    from_connect: bool = False  # time to first token counts from opening the connection
 
 
 class Path(Protocol):
@@ -186,6 +189,7 @@ class DirectPath:
         return head.encode() + body
 
     async def run(self, spec: StreamSpec, go: Go) -> StreamRecord:
+        opened = time.monotonic_ns()
         conn, error = await _timed(lambda: asyncio.open_connection(self._host, self._port), go)
         tokens = _Tokens(spec.stamped)
         clock = time.monotonic_ns
@@ -197,7 +201,7 @@ class DirectPath:
         ok = False
         try:
             async with asyncio.timeout(spec.timeout_s):
-                sent = clock()
+                sent = opened if spec.from_connect else clock()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 if not head.startswith(b"HTTP/1.1 200"):
@@ -237,6 +241,7 @@ class WebSocketPath:
         return ws
 
     async def run(self, spec: StreamSpec, go: Go) -> StreamRecord:
+        opened = time.monotonic_ns()
         conn, error = await _timed(self._open, go)
         tokens = _Tokens(spec.stamped)
         clock = time.monotonic_ns
@@ -255,7 +260,7 @@ class WebSocketPath:
         ).decode()
         try:
             async with asyncio.timeout(spec.timeout_s):
-                sent = clock()
+                sent = opened if spec.from_connect else clock()
                 await ws.send(start)
                 loads = orjson.loads
                 async for raw in ws:
@@ -291,6 +296,7 @@ class GrpcPath:
         return call
 
     async def run(self, spec: StreamSpec, go: Go) -> StreamRecord:
+        opened = time.monotonic_ns()
         conn, error = await _timed(self._open, go)
         tokens = _Tokens(spec.stamped)
         clock = time.monotonic_ns
@@ -308,7 +314,7 @@ class GrpcPath:
         )
         try:
             async with asyncio.timeout(spec.timeout_s):
-                sent = clock()
+                sent = opened if spec.from_connect else clock()
                 await call.write(start)
                 read, eof = call.read, grpc.aio.EOF
                 while (frame := await read()) is not eof:
@@ -343,8 +349,26 @@ async def _close_call(call: grpc.aio.StreamStreamCall) -> None:
         call.cancel()
 
 
-async def run_round(path: Path, spec: StreamSpec, streams: int, on_go: Callable[[], None]) -> list[StreamRecord]:
+async def run_round(
+    path: Path, spec: StreamSpec, streams: int, on_go: Callable[[], None], arrival_spread_s: float = 0.0, seed: int = 0
+) -> list[StreamRecord]:
     """Runs `streams` concurrent streams on `path`, all sent at once; never raises for a
-    failed stream (it is recorded as failed). Cancelling it cancels every stream."""
-    go = Go(asyncio.Barrier(streams), asyncio.Semaphore(CONNECTS_AT_ONCE), on_go)
-    return list(await asyncio.gather(*(path.run(spec, go) for _ in range(streams))))
+    failed stream (it is recorded as failed). Cancelling it cancels every stream.
+
+    With `arrival_spread_s`, streams arrive as users do instead: each opens its own new
+    connection at a moment drawn uniformly over the spread (seeded), and nothing waits for the
+    others; time to first token then counts from opening the connection."""
+    if arrival_spread_s <= 0:
+        go = Go(asyncio.Barrier(streams), asyncio.Semaphore(CONNECTS_AT_ONCE), on_go)
+        return list(await asyncio.gather(*(path.run(spec, go) for _ in range(streams))))
+    rng = random.Random(seed)
+    offsets = sorted(rng.uniform(0, arrival_spread_s) for _ in range(streams))
+    spec = dataclasses.replace(spec, from_connect=True)
+    on_go()
+    t0 = time.monotonic()
+
+    async def arrive(offset: float) -> StreamRecord:
+        await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
+        return await path.run(spec, Go(asyncio.Barrier(1), asyncio.Semaphore(1), lambda: None))
+
+    return list(await asyncio.gather(*(arrive(o) for o in offsets)))

@@ -38,7 +38,9 @@ async def measure(workload: StreamWorkload, paths: Sequence[Path], rig: Rig, ski
         k = round_ % len(paths)
         for path in (*paths[k:], *paths[:k]):
             started: list[CpuSnapshot] = []
-            recs = await run_round(path, spec_for(workload, path), workload.streams, lambda: started.append(CpuSnapshot.of(rig)))
+            recs = await run_round(
+                path, spec_for(workload, path), workload.streams, lambda: started.append(CpuSnapshot.of(rig)), workload.arrival_spread_s, seed=round_
+            )
             cpu[path.name] += CpuSnapshot.of(rig) - started[0]
             records[path.name] += recs
             wall_s[path.name] += (max(r.end_ns for r in recs) - min(r.sent_ns for r in recs)) / 1e9

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="every workload tiny: seconds, for `make test`")
     parser.add_argument("--idle-sessions", type=int, default=None, help="sessions of workload (v) (full: 10000)")
     parser.add_argument("--rounds", type=int, default=None, help="override every streaming workload's rounds")
-    parser.add_argument("--only", default="", help="comma-separated workload keys (A1,A50,i,ii,iii_50,iii_200,iv,v)")
+    parser.add_argument("--only", default="", help="comma-separated workload keys (A1,A50,i,ii,iii_50,iii_100,iii_150,iii_200,iii_300,iii_400,vi,iv,v)")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the server and bridge during one workload; output dir")
     parser.add_argument("--profile-workload", default="A50", help="the workload key to profile (default A50)")
     parser.add_argument("--profile-s", type=float, default=8.0)

@@ -28,6 +28,7 @@ class StreamWorkload:
     tokens: int  # per stream
     pace_ms: float = 0.0  # upstream only
     rounds: int = 3
+    arrival_spread_s: float = 0.0  # > 0: streams arrive over this long, each on a new connection
 
     @property
     def knobs(self) -> Knobs:
@@ -65,7 +66,12 @@ FULL = Plan(
         StreamWorkload("i", "(i) 1 stream x 200, unpaced", "upstream", 1, 200, rounds=15),
         StreamWorkload("ii", "(ii) 1 stream x 100 @ 20 ms", "upstream", 1, 100, 20.0, rounds=5),
         StreamWorkload("iii_50", "(iii) 50 streams x 200 @ 10 ms", "upstream", 50, 200, 10.0, rounds=3),
+        StreamWorkload("iii_100", "(iii) 100 streams x 200 @ 10 ms", "upstream", 100, 200, 10.0, rounds=3),
+        StreamWorkload("iii_150", "(iii) 150 streams x 200 @ 10 ms", "upstream", 150, 200, 10.0, rounds=3),
         StreamWorkload("iii_200", "(iii) 200 streams x 200 @ 10 ms", "upstream", 200, 200, 10.0, rounds=3),
+        StreamWorkload("iii_300", "(iii) 300 streams x 200 @ 10 ms", "upstream", 300, 200, 10.0, rounds=3),
+        StreamWorkload("iii_400", "(iii) 400 streams x 200 @ 10 ms", "upstream", 400, 200, 10.0, rounds=3),
+        StreamWorkload("vi", "(vi) 200 streams arriving over 2 s, each on a new connection, x 200 @ 10 ms", "upstream", 200, 200, 10.0, rounds=3, arrival_spread_s=2.0),
         StreamWorkload("iv", "(iv) 32 streams x 500, unpaced", "upstream", 32, 500, rounds=3),
     ),
     idle=IdleWorkload("v", 10_000, hold_s=12.0, ping_interval_s=5.0),
@@ -79,6 +85,7 @@ SMOKE = Plan(
         StreamWorkload("ii", "(ii) 1 stream x 10 @ 5 ms", "upstream", 1, 10, 5.0, rounds=1),
         StreamWorkload("iii_50", "(iii) 5 streams x 10 @ 5 ms", "upstream", 5, 10, 5.0, rounds=1),
         StreamWorkload("iii_200", "(iii) 10 streams x 10 @ 5 ms", "upstream", 10, 10, 5.0, rounds=1),
+        StreamWorkload("vi", "(vi) 10 streams arriving over 0.2 s x 10 @ 5 ms", "upstream", 10, 10, 5.0, rounds=1, arrival_spread_s=0.2),
         StreamWorkload("iv", "(iv) 4 streams x 50, unpaced", "upstream", 4, 50, rounds=1),
     ),
     idle=IdleWorkload("v", 20, hold_s=1.5, ping_interval_s=0.5),

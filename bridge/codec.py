@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 
 from llmproxy.v1 import llmproxy_pb2 as pb
-from server.errors import Code
 
 _START_FIELDS = frozenset(
     {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation"}
@@ -42,7 +41,7 @@ CODE_NAMES: dict[int, str] = {v.number: v.name.removeprefix("ERROR_CODE_").lower
 class FrameError(Exception):
     """A client frame that cannot be turned into a proto: answered with an error frame."""
 
-    def __init__(self, code: Code, message: str, stream_id: str = "") -> None:
+    def __init__(self, code: int, message: str, stream_id: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -57,29 +56,29 @@ def decode_client_frame(data: str | bytes, max_bytes: int, max_messages: int = 1
     (tests/unit/bridge/test_codec_fuzz.py). `max_messages` bounds `messages` and `append`
     before any proto is built (the server checks the same limit again)."""
     if isinstance(data, bytes):
-        raise FrameError(Code.MALFORMED_FRAME, "binary frames are not accepted; send JSON as text frames")
+        raise FrameError(pb.ERROR_CODE_MALFORMED_FRAME, "binary frames are not accepted; send JSON as text frames")
     if len(data) > max_bytes:  # characters <= bytes, so this check is never too strict
-        raise FrameError(Code.FRAME_TOO_LARGE, f"frame larger than {max_bytes} bytes")
+        raise FrameError(pb.ERROR_CODE_FRAME_TOO_LARGE, f"frame larger than {max_bytes} bytes")
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise FrameError(Code.MALFORMED_FRAME, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+        raise FrameError(pb.ERROR_CODE_MALFORMED_FRAME, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(obj, dict):
-        raise FrameError(Code.MALFORMED_FRAME, "a frame must be a JSON object")
+        raise FrameError(pb.ERROR_CODE_MALFORMED_FRAME, "a frame must be a JSON object")
     kind = obj.get("type")
     stream_id = obj.get("id", "")
     if not isinstance(stream_id, str):
-        raise FrameError(Code.INVALID_REQUEST, "id must be a string")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "id must be a string")
     if kind is None and "messages" in obj:
         kind = "start"  # the bare OpenAI-style request
     for key in ("messages", "append"):
         items = obj.get(key)
         if isinstance(items, list) and len(items) > max_messages:
-            raise FrameError(Code.INVALID_REQUEST, f"at most {max_messages} messages per request", stream_id)
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"at most {max_messages} messages per request", stream_id)
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise FrameError(
-            Code.UNKNOWN_FRAME_TYPE, f"unknown frame type {kind!r}; expected start, cancel, modify, ping, resume or close", stream_id
+            pb.ERROR_CODE_UNKNOWN_FRAME_TYPE, f"unknown frame type {kind!r}; expected start, cancel, modify, ping, resume or close", stream_id
         )
     try:
         return decoder(obj, stream_id)
@@ -91,13 +90,13 @@ def decode_client_frame(data: str | bytes, max_bytes: int, max_messages: int = 1
 def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     unknown = obj.keys() - _START_FIELDS
     if unknown:
-        raise FrameError(Code.INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in start frame")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in start frame")
     if obj.get("stream", True) is not True:
-        raise FrameError(Code.INVALID_REQUEST, "stream must be true: llmproxy only streams")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "stream must be true: llmproxy only streams")
     start = pb.StartStream(stream_id=stream_id, model=_str(obj, "model", required=True), conversation=_str(obj, "conversation"))
     messages = obj.get("messages")
     if not isinstance(messages, list):
-        raise FrameError(Code.INVALID_REQUEST, "messages must be a list of message objects")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "messages must be a list of message objects")
     for i, m in enumerate(messages):
         _message(start.messages.add(), m, i)
     params = start.params
@@ -107,11 +106,11 @@ def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
         params.top_p = v
     if (n := _int(obj, "max_tokens")) is not None:
         if not 0 < n < 2**32:
-            raise FrameError(Code.INVALID_REQUEST, "max_tokens must be a positive integer")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "max_tokens must be a positive integer")
         params.max_tokens = n
     if (n := _int(obj, "seed")) is not None:
         if not -(2**63) <= n < 2**63:
-            raise FrameError(Code.INVALID_REQUEST, "seed must fit in 64 bits")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "seed must fit in 64 bits")
         params.seed = n
     stop = obj.get("stop")
     if isinstance(stop, str):
@@ -119,11 +118,11 @@ def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         params.stop.extend(stop)
     elif stop is not None:
-        raise FrameError(Code.INVALID_REQUEST, "stop must be a string or a list of strings")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "stop must be a string or a list of strings")
     tools = obj.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise FrameError(Code.INVALID_REQUEST, "tools must be a list")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "tools must be a list")
         for i, t in enumerate(tools):
             _tool(start.tools.add(), t, i)
     choice = obj.get("tool_choice")
@@ -132,19 +131,19 @@ def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     elif isinstance(choice, dict):
         fn = choice.get("function")
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
-            raise FrameError(Code.INVALID_REQUEST, "tool_choice object must be {type: function, function: {name}}")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "tool_choice object must be {type: function, function: {name}}")
         start.tool_choice = fn["name"]
     elif choice is not None:
-        raise FrameError(Code.INVALID_REQUEST, "tool_choice must be a string or an object")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "tool_choice must be a string or an object")
     return pb.ClientFrame(start=start)
 
 
 def _message(out: pb.ChatMessage, m: object, i: int) -> None:
     if not isinstance(m, dict):
-        raise FrameError(Code.INVALID_REQUEST, f"messages[{i}] must be an object")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}] must be an object")
     unknown = m.keys() - _MESSAGE_FIELDS
     if unknown:
-        raise FrameError(Code.INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in messages[{i}]")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"unknown field {sorted(unknown)[0]!r} in messages[{i}]")
     out.role = _str(m, "role", required=True, where=f"messages[{i}].")
     content = m.get("content")
     if isinstance(content, str):
@@ -153,17 +152,17 @@ def _message(out: pb.ChatMessage, m: object, i: int) -> None:
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].content parts must be text parts")
+                raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].content parts must be text parts")
             texts.append(part["text"])
         out.content = "".join(texts)
     elif content is not None:
-        raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].content must be a string")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].content must be a string")
     out.name = _str(m, "name", where=f"messages[{i}].")
     out.tool_call_id = _str(m, "tool_call_id", where=f"messages[{i}].")
     calls = m.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list):
-            raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].tool_calls must be a list")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].tool_calls must be a list")
         for call in calls:
             fn = call.get("function") if isinstance(call, dict) else None
             if not (
@@ -172,35 +171,35 @@ def _message(out: pb.ChatMessage, m: object, i: int) -> None:
                 and isinstance(fn.get("name"), str)
                 and isinstance(fn.get("arguments", ""), str)
             ):
-                raise FrameError(Code.INVALID_REQUEST, f"messages[{i}].tool_calls entries need id, function.name, function.arguments")
+                raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].tool_calls entries need id, function.name, function.arguments")
             out.tool_calls.add(id=call["id"], name=fn["name"], arguments=fn.get("arguments", ""))
 
 
 def _tool(out: pb.ToolDefinition, t: object, i: int) -> None:
     fn = t.get("function") if isinstance(t, dict) else None
     if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict)):
-        raise FrameError(Code.INVALID_REQUEST, f"tools[{i}] must be {{type: function, function: {{...}}}}")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"tools[{i}] must be {{type: function, function: {{...}}}}")
     out.name = _str(fn, "name", required=True, where=f"tools[{i}].function.")
     out.description = _str(fn, "description", where=f"tools[{i}].function.")
     params = fn.get("parameters", {})
     if not isinstance(params, dict):
-        raise FrameError(Code.INVALID_REQUEST, f"tools[{i}].function.parameters must be an object")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"tools[{i}].function.parameters must be an object")
     try:
         out.parameters_json = orjson.dumps(params).decode()
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (255); the server allows 64
-        raise FrameError(Code.INVALID_REQUEST, f"tools[{i}].function.parameters nests too deeply") from None
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"tools[{i}].function.parameters nests too deeply") from None
 
 
 def _cancel(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     if not stream_id:
-        raise FrameError(Code.INVALID_REQUEST, "cancel needs the id of the stream")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "cancel needs the id of the stream")
     return pb.ClientFrame(cancel=pb.CancelStream(stream_id=stream_id))
 
 
 def _ping(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     nonce = _int(obj, "nonce")
     if nonce is not None and not 0 <= nonce < 2**64:
-        raise FrameError(Code.INVALID_REQUEST, "nonce must be a non-negative 64-bit integer")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "nonce must be a non-negative 64-bit integer")
     return pb.ClientFrame(ping=pb.Ping(nonce=nonce or 0))
 
 
@@ -210,7 +209,7 @@ def _resume(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     if not isinstance(streams, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for k, v in streams.items()
     ):
-        raise FrameError(Code.INVALID_REQUEST, "streams must map stream ids to the last seq received")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "streams must map stream ids to the last seq received")
     for sid, last_seq in streams.items():
         resume.streams.add(stream_id=sid, last_seq=last_seq)
     return pb.ClientFrame(resume=resume)
@@ -218,17 +217,17 @@ def _resume(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
 
 def _modify(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
     if not stream_id:
-        raise FrameError(Code.INVALID_REQUEST, "modify needs the id of the stream")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "modify needs the id of the stream")
     modify = pb.Modify(stream_id=stream_id)
     for key, field in (("messages", modify.messages), ("append", modify.append)):
         items = obj.get(key, [])
         if not isinstance(items, list):
-            raise FrameError(Code.INVALID_REQUEST, f"{key} must be a list of message objects")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"{key} must be a list of message objects")
         for i, m in enumerate(items):
             _message(field.add(), m, i)
     keep = obj.get("keep_partial", False)
     if not isinstance(keep, bool):
-        raise FrameError(Code.INVALID_REQUEST, "keep_partial must be true or false")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "keep_partial must be true or false")
     modify.keep_partial = keep
     return pb.ClientFrame(modify=modify)
 
@@ -251,10 +250,10 @@ def _str(obj: dict[str, Any], key: str, *, required: bool = False, where: str = 
     value = obj.get(key)
     if value is None:
         if required:
-            raise FrameError(Code.INVALID_REQUEST, f"{where}{key} is required")
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"{where}{key} is required")
         return ""
     if not isinstance(value, str):
-        raise FrameError(Code.INVALID_REQUEST, f"{where}{key} must be a string")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"{where}{key} must be a string")
     return value
 
 
@@ -263,7 +262,7 @@ def _number(obj: dict[str, Any], key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FrameError(Code.INVALID_REQUEST, f"{key} must be a number")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"{key} must be a number")
     return float(value)
 
 
@@ -272,7 +271,7 @@ def _int(obj: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise FrameError(Code.INVALID_REQUEST, f"{key} must be an integer")
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"{key} must be an integer")
     return value
 
 
@@ -309,7 +308,8 @@ def _timing(t: pb.Timing) -> dict[str, float | int]:
     }
 
 
-def _enc_token(f: pb.ServerFrame) -> bytes:
+def encode_token(f: pb.ServerFrame) -> bytes:
+    """A token frame (the hot path: the caller knows the kind)."""
     t = f.token
     if t.count > 1:
         return orjson.dumps(
@@ -456,7 +456,7 @@ _ENCODERS: dict[str, Callable[[pb.ServerFrame], bytes]] = {
     "resumed": _enc_resumed,
     "restarted": _enc_restarted,
     "heartbeat": _enc_heartbeat,
-    "token": _enc_token,
+    "token": encode_token,
     "started": _enc_started,
     "done": _enc_done,
     "error": _enc_error,
@@ -471,16 +471,17 @@ def encode_server_frame(frame: pb.ServerFrame) -> bytes:
     return _ENCODERS[frame.WhichOneof("kind")](frame)
 
 
-def encode_error(code: Code, message: str, stream_id: str = "") -> bytes:
-    """An error frame made by the bridge itself (a rejected frame: `seq` 0)."""
+def encode_error(code: int, message: str, stream_id: str = "", retryable: bool = False) -> bytes:
+    """An error frame made by the bridge itself (a rejected frame, or the reason a connection
+    is being closed: `seq` 0). `code` is a proto ErrorCode number."""
     return orjson.dumps(
         {
             "type": "error",
             "id": stream_id,
             "seq": 0,
-            "code": code.value,
+            "code": CODE_NAMES[code],
             "message": message,
-            "retryable": False,
+            "retryable": retryable,
             "token": "",
             "latency": "0ms",
         }

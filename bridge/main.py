@@ -11,12 +11,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import grpc
 
 from bridge.server import Bridge, BridgeConfig
-from server.main import run_loop
+from bridge.supervisor import Supervisor
 
 log = logging.getLogger("llmproxy.bridge")
 
@@ -37,10 +38,16 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
     parser.add_argument("--tls-cert", default="", help="PEM certificate chain: serve wss:// (and https://)")
     parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
     parser.add_argument("--grpc-ca", default="", help="PEM CA bundle: gRPC over TLS to the server")
+    parser.add_argument("--relay-token-file", default="", help="file holding the secret of the server's Relay RPC (required)")
+    parser.add_argument("--grpc-keepalive-ms", type=int, default=30_000, help="keepalive ping interval on the relay's channel")
+    parser.add_argument("--max-pending-bytes", type=int, default=1 << 20, help="unsent output one WebSocket may hold before it is cut")
+    parser.add_argument("--reattach-timeout-s", type=float, default=10.0, help="how long a connection waits for the server, then fails")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if not args.relay_token_file:
+        parser.error("--relay-token-file is required: the same file as the server's (make run creates one)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     static = {"/": root / "static"}
     js_dir = root.parent / "clients" / "js"
@@ -61,27 +68,63 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         grpc_ca=args.grpc_ca,
+        relay_token=read_secret(args.relay_token_file),
+        grpc_keepalive_ms=args.grpc_keepalive_ms,
+        max_pending_bytes=args.max_pending_bytes,
+        reattach_timeout_s=args.reattach_timeout_s,
     )
 
 
-async def serve(config: BridgeConfig) -> None:
-    channel_options: list[tuple[str, int]] = [
-        # Keepalive within the server's enforcement policy (>= 10 s between pings), so a
-        # dead server is noticed without ever earning a too_many_pings GOAWAY.
-        ("grpc.keepalive_time_ms", 30_000),
+def read_secret(path: str) -> str:
+    """The first line of a secret file, stripped; SystemExit with a clear message if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except OSError as exc:
+        raise SystemExit(f"llmproxy-bridge: cannot read {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise SystemExit(f"llmproxy-bridge: {path} must hold a secret of at least 16 characters")
+    return secret
+
+
+def channel_options(keepalive_ms: int) -> list[tuple[str, int]]:
+    """Options of the channel to the server. gRPC ignores names it does not know, silently:
+    each is one of gRPC core's channel arguments, checked against the installed library by
+    tests/unit/test_grpc_options.py."""
+    return [
+        # Keepalive within the server's policy (its --grpc-min-ping-interval-ms, 10 s by default),
+        # so a dead server or a cut relay is noticed without ever earning GOAWAY too_many_pings.
+        ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.max_pings_without_data", 0),  # the relay may idle for hours
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # one batch carries many frames
     ]
+
+
+def run_loop(coro_factory: Callable[[], Coroutine[object, object, None]]) -> None:
+    """Runs under uvloop when it is installed (measured faster in make bench)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(coro_factory())
+    else:
+        uvloop.run(coro_factory())
+
+
+async def serve(config: BridgeConfig) -> None:
+    options = channel_options(config.grpc_keepalive_ms)
     if config.grpc_ca:
         ca = Path(config.grpc_ca).read_bytes()
-        channel = grpc.aio.secure_channel(config.grpc_target, grpc.ssl_channel_credentials(root_certificates=ca), channel_options)
+        channel = grpc.aio.secure_channel(config.grpc_target, grpc.ssl_channel_credentials(root_certificates=ca), options)
     else:
-        channel = grpc.aio.insecure_channel(config.grpc_target, options=channel_options)
+        channel = grpc.aio.insecure_channel(config.grpc_target, options=options)
     channel.get_state(try_to_connect=True)  # connect now: the first stream should not pay for it
     bridge = Bridge(config, channel)
     server = await bridge.start()
-    watchdog = asyncio.create_task(bridge.watchdog())
+    jobs = Supervisor(log)
+    jobs.start("relay", bridge.relay.run)
+    jobs.start("watchdog", bridge.watchdog)
     port = next(iter(server.sockets)).getsockname()[1]
     scheme = "wss" if config.tls_cert else "ws"
     print(f"llmproxy-bridge listening on {scheme}://{config.host}:{port}/stream", flush=True)
@@ -90,12 +133,14 @@ async def serve(config: BridgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    failed = await jobs.wait_failed_or(stop)
     log.info("shutting down")
-    watchdog.cancel()
+    await jobs.stop()
     server.close()
     await server.wait_closed()
     await channel.close()
+    if failed:
+        raise SystemExit(f"llmproxy-bridge: {jobs.failure}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ with a `ConfigError` naming the file, the line and the problem.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -410,6 +411,12 @@ class _Parser:
         http2 = self.boolean(fields["http2"]) if "http2" in fields else False
         if http2 and transport != "httpx":
             raise self.error(fields["http2"], "http2 needs transport: httpx")
+        # Optional transports are optional dependencies (pyproject's extras): say which at load
+        # time, not with an ImportError at the first request.
+        if transport == "aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
+            raise self.error(fields["transport"], "transport: aiohttp needs httpx-aiohttp: pip install 'llmproxy[aiohttp]'")
+        if http2 and importlib.util.find_spec("h2") is None:
+            raise self.error(fields["http2"], "http2 needs the h2 package: pip install 'llmproxy[http2]'")
         ca_file = self.string(fields["ca_file"]) if "ca_file" in fields else None
         if ca_file is not None:
             if transport != "native":

@@ -61,6 +61,8 @@ class Code(enum.Enum):
     QUOTA_EXCEEDED = "quota_exceeded"
     EXPIRED = "expired"
     UNAVAILABLE = "unavailable"
+    SLOW_READER = "slow_reader"
+    RESUMED_ELSEWHERE = "resumed_elsewhere"
 
 
 class ProxyError(Exception):

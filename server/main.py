@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import random
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from bridge.supervisor import Supervisor
 from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import RequestLog
@@ -31,12 +33,14 @@ from server.config import DEMO_MODES, ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
 from server.routing import Router
+from server.relay import RelayServicer
 from server.service import LLMProxyServicer, ServiceSettings
 
 log = logging.getLogger("llmproxy.server")
 
 HANDSHAKE_TIMEOUT_MS = 5_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMProxy"].full_name
+RELAY_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Relay"].full_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,9 @@ class Options:
     tls_cert: str = ""  # PEM certificate chain; with tls_key: gRPC over TLS
     tls_key: str = ""
     analytics: bool = True  # metrics, request log, live stats
+    relay_token_file: str = ""  # the bridges' shared secret for the Relay RPC; empty: relay off
+    min_ping_interval_ms: int = 10_000  # the least gap between a client's keepalive pings
+    routing_seed: int | None = None  # seeds the router's choices (tests); None: unseeded
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -77,7 +84,14 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --listen without --auth-db")
     parser.add_argument("--tls-cert", default="", help="PEM certificate chain for gRPC over TLS")
     parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--relay-token-file", default="", help="file holding the secret bridges present on the Relay RPC; empty: no bridge may relay"
+    )
+    parser.add_argument(
+        "--grpc-min-ping-interval-ms", type=int, default=10_000, help="clients may send keepalive pings this often (bridges: 30 s)"
+    )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -97,7 +111,7 @@ def parse_args(argv: list[str] | None) -> Options:
         resume_grace_s=args.resume_grace_s,
         max_sessions=args.max_sessions,
         slow_client_timeout_s=args.slow_client_timeout_s,
-        janitor_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
+        tick_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
     )
     if args.no_analytics:
         args.metrics_listen, args.request_log = "", ""
@@ -112,7 +126,42 @@ def parse_args(argv: list[str] | None) -> Options:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         analytics=not args.no_analytics,
+        relay_token_file=args.relay_token_file,
+        min_ping_interval_ms=args.grpc_min_ping_interval_ms,
+        routing_seed=args.routing_seed,
     )
+
+
+def read_secret(path: str) -> str:
+    """The first line of a secret file, stripped; SystemExit with a clear message if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except OSError as exc:
+        raise SystemExit(f"llmproxy: cannot read {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise SystemExit(f"llmproxy: {path} must hold a secret of at least 16 characters")
+    return secret
+
+
+def server_options(min_ping_interval_ms: int) -> list[tuple[str, int]]:
+    """grpc.aio server options. gRPC ignores names it does not know, silently: each name here is
+    one of gRPC core's channel arguments (grpc_types.h), and tests/unit/test_grpc_options.py
+    checks them against the names the installed library defines."""
+    return [
+        # Bridges keep their relay alive with pings, with or without data in flight: allow them
+        # that often. gRPC's default policy (5 min without data, 2 strikes) answers a 30 s
+        # keepalive with GOAWAY too_many_pings.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
+        # Our own pings find dead bridges and backends whose calls would otherwise hang.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        # A connection that has not completed its HTTP/2 preface (and TLS) by then is closed
+        # (the default held silent connections for about a minute).
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ]
 
 
 def is_loopback(listen: str) -> bool:
@@ -147,23 +196,13 @@ def check_exposure(options: Options) -> None:
 async def serve(options: Options) -> None:
     config = options.config
     catalog = build_catalog(config)
-    router = Router(catalog)
-    server = grpc.aio.server(
-        options=[
-            # Bridges keep their channel alive with pings; allow them without calls, no more
-            # often than every 10 s (clients must use keepalive_time_ms >= 10000).
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            # A connection that has not completed its HTTP/2 preface (and TLS) by then is
-            # closed (the default held silent connections for about a minute).
-            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-        ]
-    )
+    router = Router(catalog, rng=None if options.routing_seed is None else random.Random(options.routing_seed))
+    relay_token = read_secret(options.relay_token_file) if options.relay_token_file else ""
+    server = grpc.aio.server(options=server_options(options.min_ping_interval_ms))
     metrics = Metrics()
+    metrics.watch_routing(router)  # issue 19: routing counters and breaker states in /metrics
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
-    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state), enabled=options.analytics)
+    analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
@@ -174,10 +213,11 @@ async def serve(options: Options) -> None:
         metrics_server, _ = start_http_server(int(mport), mhost, registry=metrics.registry)
         print(f"llmproxy-server metrics on http://{mhost}:{metrics_server.server_port}/metrics", flush=True)
     pb_grpc.add_LLMProxyServicer_to_server(servicer, server)
+    pb_grpc.add_RelayServicer_to_server(RelayServicer(servicer, relay_token), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, RELAY_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     if options.tls_cert:
         with open(options.tls_key, "rb") as kf, open(options.tls_cert, "rb") as cf:
@@ -196,16 +236,21 @@ async def serve(options: Options) -> None:
     if key_store is not None:
         log.info("authentication on: %d active API keys", sum(not r.revoked for r in key_store.list()))
 
-    janitor = asyncio.create_task(servicer.janitor())
+    jobs = Supervisor(log)
+    jobs.start("expire-sessions", servicer.expire_sessions)
+    jobs.start("keep-alive", servicer.keep_alive)
+    jobs.start("report", servicer.report)
+    if auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
+        jobs.start("revocations", lambda: auth.watch(servicer.cancel_key_streams))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    failed = await jobs.wait_failed_or(stop)
     log.info("shutting down: health NOT_SERVING, grace %.1fs", config.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_s)
-    janitor.cancel()
+    await jobs.stop()
     await servicer.aclose()
     await catalog.aclose()
     await analytics.flush()
@@ -213,6 +258,8 @@ async def serve(options: Options) -> None:
         request_log.close()
     if key_store is not None:
         key_store.close()
+    if failed:
+        raise SystemExit(f"llmproxy-server: {jobs.failure}")
 
 
 def run_loop(coro_factory: object) -> None:

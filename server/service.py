@@ -3,12 +3,14 @@
 - `SessionRuntime` runs one session's upstream tasks. They belong to the session, not to a
   call: when a call drops they keep generating into the replay buffers for the grace period.
   `feed_frame`/`feed_event` are the one place that feeds the core, applies its actions and
-  wakes the writer.
-- `Connection` drives one `Stream` call: a reader (context.read), a writer (context.write) that
-  drains whatever has accumulated each time it wakes (where token frames merge under
-  backpressure), and the switch to another session on `resume`.
-- One janitor task per server expires detached sessions, sends heartbeats and disconnects
-  clients that stopped reading (their sessions stay resumable).
+  notifies the session's attachment.
+- An attachment is what a session's frames go out through: a `Connection` (one `Stream` call:
+  a reader, and a writer that drains whatever has accumulated each time it is notified, where
+  token frames merge under backpressure) or a relayed connection (server/relay.py: one of the
+  many connections a bridge carries over one `Relay` call). Both switch sessions on `resume`
+  the same way (`LLMProxyServicer.resume`).
+- Periodic jobs, each its own supervised task (server/jobs.py): expiring detached sessions,
+  heartbeats and the slow-client cut-off, analytics.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import asyncio
 import logging
 import secrets
 import time
+import enum
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -30,8 +34,8 @@ from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
 from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
-from server.auth.tenancy import tenant_view, watching
 from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
+from server.auth.tenancy import tenant_view, watching
 from server.catalog import Catalog
 from server.core.events import Failed, Routed, StreamEvent
 from server.core.registry import SessionRegistry
@@ -49,7 +53,27 @@ class ServiceSettings:
     resume_grace_s: float = 30.0
     max_sessions: int = 100_000
     slow_client_timeout_s: float = 10.0  # a write blocked this long ends the call
-    janitor_interval_s: float = 1.0
+    tick_interval_s: float = 1.0
+
+
+class Kick(enum.Enum):
+    """Why the server ends an attachment from outside."""
+
+    RESUMED_ELSEWHERE = "the session was resumed on another connection"
+    SLOW_CLIENT = "the client reads too slowly"
+
+
+class Attachment(Protocol):
+    """Where an attached session's frames go: a `Stream` call or a relayed connection."""
+
+    runtime: SessionRuntime
+    write_since_ns: int  # when a blocked write began; 0 when none
+
+    def notify(self) -> None:
+        """The session has output (or its attachment changed): drain it soon."""
+
+    def kick(self, why: Kick) -> None:
+        """Ends the attachment from outside; its session is detached, not closed."""
 
 
 class SessionRuntime:
@@ -59,8 +83,7 @@ class SessionRuntime:
         self.session = session
         self._router = router
         self._upstreams: dict[str, asyncio.Task[None]] = {}
-        self.wake = asyncio.Event()
-        self.owner: Connection | None = None
+        self.owner: Attachment | None = None
         # The key's models and limits, checked before a start or modify reaches the session
         # (auth on): each is a new provider request (server/auth/admission.py).
         self.admit: Callable[[pb.ClientFrame], ProxyError | None] | None = None
@@ -70,7 +93,7 @@ class SessionRuntime:
             refused = self.admit(frame)
             if refused is not None:  # an error with seq 0, before any upstream call
                 self.session.reject(stream_id_of(frame), refused)
-                self.wake.set()
+                self.wake()
                 return
         self.session.receive_frame(frame, time.monotonic_ns())
         self.apply()
@@ -81,8 +104,15 @@ class SessionRuntime:
             refused = self.admit(continuation(stream_id))  # a continuation is a provider request too
             event = event if refused is None else Failed(refused)
         live = self.session.receive_event(stream_id, event, time.monotonic_ns())
-        self.wake.set()
+        owner = self.owner
+        if owner is not None:
+            owner.notify()
         return live
+
+    def wake(self) -> None:
+        """Tells the attachment, if any, that there is output."""
+        if self.owner is not None:
+            self.owner.notify()
 
     def apply(self) -> None:
         for action in self.session.actions_to_take():
@@ -92,7 +122,7 @@ class SessionRuntime:
                     task.cancel()
             elif isinstance(action, StartUpstream):
                 self._upstreams[action.stream_id] = asyncio.create_task(self._run_upstream(action))
-        self.wake.set()
+        self.wake()
 
     async def aclose(self) -> None:
         """Cancels every upstream task and waits for their cleanup (closing HTTP responses)."""
@@ -122,6 +152,13 @@ class SessionRuntime:
                 del self._upstreams[stream_id]
 
 
+# Kick -> the status that ends a `Stream` call.
+KICK_STATUS: dict[Kick, grpc.StatusCode] = {
+    Kick.RESUMED_ELSEWHERE: grpc.StatusCode.ABORTED,
+    Kick.SLOW_CLIENT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
 class Connection:
     """Drives one `Stream` call."""
 
@@ -130,14 +167,16 @@ class Connection:
         self.runtime = runtime
         self._context = context
         self._reading = True
+        self._wake = asyncio.Event()
+        self.notify = self._wake.set
         self.write_since_ns = 0  # when the write in progress began; 0 when none
-        self._kicked: tuple[grpc.StatusCode, str] | None = None
+        self._kicked: Kick | None = None
         self._writer: asyncio.Task[None] | None = None
 
-    def kick(self, code: grpc.StatusCode, message: str) -> None:
+    def kick(self, why: Kick) -> None:
         """Ends the call from outside (resumed elsewhere, client too slow)."""
         if self._kicked is None:
-            self._kicked = (code, message)
+            self._kicked = why
             if self._writer is not None:
                 self._writer.cancel()
 
@@ -148,13 +187,13 @@ class Connection:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done() and not reader.cancelled() and reader.exception() is None:
                 self._reading = False  # half-closed: finish the streams, then end the call
-                self.runtime.wake.set()
+                self.notify()
                 await asyncio.wait({writer})
             for task in (reader, writer):
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             if self._kicked is not None:
-                await self._context.abort(*self._kicked)
+                await self._context.abort(KICK_STATUS[self._kicked], self._kicked.value)
         finally:
             reader.cancel()
             writer.cancel()
@@ -176,13 +215,11 @@ class Connection:
     async def _write_loop(self) -> None:
         write = self._context.write
         while True:
+            await self._wake.wait()
+            self._wake.clear()
             runtime = self.runtime
-            await runtime.wake.wait()
-            if runtime is not self.runtime:
-                continue  # switched by a resume: wait on the new session
             if runtime.owner is not self:
                 return  # another connection resumed this session
-            runtime.wake.clear()
             session = runtime.session
             now_ns = time.monotonic_ns()
             frames = session.frames_to_send(now_ns)
@@ -192,7 +229,7 @@ class Connection:
                     await write(frame)
                 self.write_since_ns = 0
                 if session.has_output():
-                    runtime.wake.set()  # a replay goes out in pieces (Session.frames_to_send)
+                    self.notify()  # a replay goes out in pieces (Session.frames_to_send)
             if not self._reading and session.live_streams == 0 and not session.has_output():
                 return
 
@@ -254,50 +291,72 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             self._runtimes.pop(runtime.session.id, None)
             self._forget(runtime.session)
 
-    def resume(self, connection: Connection, resume: pb.Resume) -> None:
-        current = connection.runtime
+    def open_session(self, owner: str) -> SessionRuntime:
+        """A fresh session of `owner` (an API key id, "" without keys), not yet attached.
+        Raises `TooManySessions`."""
+        session = self._registry.create(time.monotonic_ns(), owner)
+        runtime = SessionRuntime(session, self._router)
+        self._runtimes[session.id] = runtime
+        return runtime
+
+    def resume(self, attachment: Attachment, resume: pb.Resume) -> bool:
+        """Moves `attachment` from its fresh session to the one `resume` names; returns whether
+        it did (otherwise the fresh session has an error frame queued)."""
+        current = attachment.runtime
         target = self._registry.resume(current.session, resume, time.monotonic_ns())
         if target is current.session:
-            current.wake.set()  # the error frame
-            return
+            attachment.notify()  # the error frame
+            return False
         self._runtimes.pop(current.session.id, None)
         runtime = self._runtimes[target.id]
         previous = runtime.owner
-        runtime.owner = connection
-        connection.runtime = runtime
+        runtime.owner = attachment
+        attachment.runtime = runtime
         if previous is not None:
-            previous.kick(grpc.StatusCode.ABORTED, "the session was resumed on another connection")
-        current.wake.set()  # wakes the writer so it moves to the resumed session
-        runtime.wake.set()
+            previous.kick(Kick.RESUMED_ELSEWHERE)
+        attachment.notify()
+        return True
 
-    async def janitor(self) -> None:
-        """Expires detached sessions, sends heartbeats, drops clients that stopped reading."""
-        slow_ns = int(self._settings.slow_client_timeout_s * 1e9)
-        if self._auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
-            watcher = asyncio.create_task(self._auth.watch(self.cancel_key_streams))
-            asyncio.current_task().add_done_callback(lambda _: watcher.cancel())  # type: ignore[union-attr]
+    # -- periodic jobs (each supervised on its own by server/main.py) ---------------------------
+
+    async def expire_sessions(self) -> None:
+        """Closes sessions detached longer than the grace period (cancelling their upstreams)."""
         while True:
-            await asyncio.sleep(self._settings.janitor_interval_s)
-            now = time.monotonic_ns()
-            for session in self._registry.expire(now):
+            await asyncio.sleep(self._settings.tick_interval_s)
+            for session in self._registry.expire(time.monotonic_ns()):
                 runtime = self._runtimes.pop(session.id, None)
                 if runtime is not None:
                     runtime.apply()
                 self._forget(session)
+
+    async def keep_alive(self) -> None:
+        """Heartbeats for silent streams; ends `Stream` calls whose client stopped reading."""
+        slow_ns = int(self._settings.slow_client_timeout_s * 1e9)
+        while True:
+            await asyncio.sleep(self._settings.tick_interval_s)
+            now = time.monotonic_ns()
+            for runtime in list(self._runtimes.values()):
+                session = runtime.session
+                if session.attached and session.live_streams:
+                    session.tick(now)
+                    if session.has_output():
+                        runtime.wake()
+                owner = runtime.owner
+                if owner is not None and owner.write_since_ns and now - owner.write_since_ns > slow_ns:
+                    log.warning("disconnecting a client that stopped reading; its session stays resumable")
+                    owner.kick(Kick.SLOW_CLIENT)
+
+    async def report(self) -> None:
+        """Feeds ended streams to analytics (and their tokens to the keys' budgets)."""
+        while True:
+            await asyncio.sleep(self._settings.tick_interval_s)
+            now = time.monotonic_ns()
             active = tokens = 0
             for runtime in list(self._runtimes.values()):
                 session = runtime.session
                 self._analytics.add(self._charged(session), now)
                 active += session.live_streams
                 tokens += session.tokens_relayed
-                if session.attached and session.live_streams:
-                    session.tick(now)
-                    if session.has_output():
-                        runtime.wake.set()
-                owner = runtime.owner
-                if owner is not None and owner.write_since_ns and now - owner.write_since_ns > slow_ns:
-                    log.warning("disconnecting a client that stopped reading; its session stays resumable")
-                    owner.kick(grpc.StatusCode.RESOURCE_EXHAUSTED, "the client reads too slowly")
             self._analytics.tick(now, active, len(self._registry), tokens + self._tokens_gone)
             await self._analytics.flush()
 
@@ -334,11 +393,30 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             await (_refuse_stream if streaming else _refuse)(context, grpc.StatusCode.UNAUTHENTICATED, exc.message)
             raise  # not reached: abort raises
 
+    def authenticate_credential(self, credential: str) -> Principal | None:
+        """The principal of a relayed connection's key (None when auth is off). Raises
+        `Unauthenticated` exactly as a `Stream` call with that key would be refused."""
+        if self._auth is None:
+            return None
+        return self._auth.authenticate((("authorization", f"Bearer {credential}"),) if credential else ())
+
+    def admit_connection(self, principal: Principal | None, runtime: SessionRuntime) -> None:
+        """Counts a connection against its key (raises `TooManyConnections`) and applies the
+        key's per-start checks to its session."""
+        if principal is not None:
+            assert self._auth is not None
+            self._auth.open_connection(principal)
+            runtime.admit = self._admission(principal, runtime.session)
+
+    def release_connection(self, principal: Principal | None) -> None:
+        if principal is not None:
+            assert self._auth is not None
+            self._auth.close_connection(principal)
+
     def _admission(self, principal: Principal, session: Session) -> Callable[[pb.ClientFrame], ProxyError | None]:
         """The per-request check of one key: revocation, models, rates, budget, live streams."""
         auth = self._auth
         assert auth is not None
-
         return Admission(auth, principal, session, self._runtimes)
 
     async def aclose(self) -> None:
@@ -363,17 +441,15 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
 
     async def _stream(self, principal: Principal | None, context: grpc.aio.ServicerContext) -> None:
         try:
-            session = self._registry.create(time.monotonic_ns(), principal.key_id if principal else "")
+            runtime = self.open_session(principal.key_id if principal else "")
         except ProxyError as exc:
             await _refuse_stream(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
-        runtime = SessionRuntime(session, self._router)
         if principal is not None:
-            runtime.admit = self._admission(principal, session)
-        self._runtimes[session.id] = runtime
+            runtime.admit = self._admission(principal, runtime.session)
         connection = Connection(self, runtime, context)
         runtime.owner = connection
-        runtime.wake.set()  # the `session` frame
+        connection.notify()  # the `session` frame
         await connection.run()
 
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionState:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.session import StreamRecord
@@ -15,9 +15,18 @@ WINDOW_NS = 60_000_000_000
 
 
 class LiveWindow:
-    def __init__(self, breaker_state: Callable[[str], str] | None = None, slowest: int = 8) -> None:
+    def __init__(
+        self,
+        breaker_state: Callable[[str], str] | None = None,
+        slowest: int = 8,
+        breaker_states: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
+        """`breaker_state(name)`: one deployment's breaker; `breaker_states()`: every configured
+        deployment's, so one whose breaker is not closed shows even when no stream reached it
+        in the last minute (an open breaker turns every request away before it)."""
         self._recent: deque[tuple[int, StreamRecord]] = deque()
         self._breaker_state = breaker_state
+        self._breaker_states = breaker_states
         self._slowest = slowest
         self.tokens_per_s = 0.0
         self._last_tokens = -1
@@ -65,6 +74,10 @@ class LiveWindow:
                 ttft_p50_ms=statistics.median(ttfts) if ttfts else 0.0,
                 breaker=self._breaker_state(name) if self._breaker_state else "",
             )
+        if self._breaker_states is not None:
+            for name, state in sorted(self._breaker_states().items()):
+                if state != "closed" and name not in by_deployment:
+                    snap.deployments.add(name=name, breaker=state)
         for r in sorted(records, key=lambda r: r.timing.ttft_us if r.timing.tokens else r.timing.total_us, reverse=True)[: self._slowest]:
             snap.slowest.add(
                 stream_id=r.stream_id,

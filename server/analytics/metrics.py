@@ -7,6 +7,15 @@
 - llmproxy_stream_stalls_total, llmproxy_relay_seconds (the proxy's own share per frame, p50)
 - llmproxy_active_streams, llmproxy_sessions  gauges
 - llmproxy_client_streams_total, llmproxy_client_tokens_total  per client (API key id)
+- llmproxy_upstream_attempt_failures_total  per deployment and error code: every failed attempt
+- llmproxy_upstream_retries_total           per deployment: attempts again on a deployment the
+                                            request already tried
+- llmproxy_upstream_failovers_total         per deployment taking over (and the one it took over
+                                            from) and kind: failover (before content) or
+                                            continuation (mid-answer)
+- llmproxy_breaker_transitions_total        per deployment and state (open, closed)
+- llmproxy_breaker_state                    per deployment: 0 closed, 1 half-open, 2 open, read
+                                            from the router at each scrape
 
 Labels are bounded: model and deployment come from the configuration (a stream with a model
 that is not configured is rejected before it exists), provider from the registry, status from
@@ -17,9 +26,41 @@ server has its own registry (no module globals).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from server.core.session import StreamRecord
+from server.routing.attempts import AttemptFailed, BreakerMoved, FailingOver, Note, Retrying
+
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class RoutingSource(Protocol):
+    """What the metrics read from the router (server.routing.Router)."""
+
+    @property
+    def observers(self) -> list[Callable[[Note], None]]: ...
+
+    def breaker_states(self) -> dict[str, str]: ...
+
+
+class _BreakerCollector(Collector):
+    """llmproxy_breaker_state, read at scrape time (a cooldown ends without an event)."""
+
+    def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "llmproxy_breaker_state", "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open", labels=("deployment",)
+        )
+        for name, state in sorted(self._states().items()):
+            family.add_metric((name,), BREAKER_STATE_VALUES.get(state, 0))
+        yield family
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -72,6 +113,21 @@ class Metrics:
         self.client_tokens = Counter(
             "llmproxy_client_tokens", "Tokens used, per client key id", ("client", "gen_ai_token_type"), registry=self.registry
         )
+        self.attempt_failures = Counter(
+            "llmproxy_upstream_attempt_failures", "Upstream attempts that failed, per deployment and error code",
+            ("deployment", "code"), registry=self.registry,
+        )
+        self.retries = Counter(
+            "llmproxy_upstream_retries", "Attempts on a deployment the request had already tried", ("deployment",), registry=self.registry
+        )
+        self.failovers = Counter(
+            "llmproxy_upstream_failovers", "Attempts moved to another deployment (kind: failover before content, continuation after)",
+            ("deployment", "from_deployment", "kind"), registry=self.registry,
+        )
+        self.breaker_moves = Counter(
+            "llmproxy_breaker_transitions", "Circuit breakers opening and closing, per deployment", ("deployment", "state"),
+            registry=self.registry,
+        )
         self.active = Gauge("llmproxy_active_streams", "Streams generating now", registry=self.registry)
         self.sessions = Gauge("llmproxy_sessions", "Sessions held", registry=self.registry)
 
@@ -98,6 +154,23 @@ class Metrics:
             self.client_tokens.labels(client, "input").inc(r.prompt_tokens)
         if r.completion_tokens:
             self.client_tokens.labels(client, "output").inc(r.completion_tokens)
+
+    def watch_routing(self, router: RoutingSource) -> None:
+        """Counts the router's operator notes and exposes its breaker states."""
+        router.observers.append(self.observe_routing)
+        self.registry.register(_BreakerCollector(router.breaker_states))
+
+    def observe_routing(self, note: Note) -> None:
+        """One operator note: a failed attempt, a retry, a failover or a breaker move."""
+        if isinstance(note, AttemptFailed):
+            self.attempt_failures.labels(note.deployment, note.code).inc()
+        elif isinstance(note, Retrying):
+            self.retries.labels(note.deployment).inc()
+        elif isinstance(note, FailingOver):
+            kind = "continuation" if note.continuation else "failover"
+            self.failovers.labels(note.deployment, note.from_deployment, kind).inc()
+        elif isinstance(note, BreakerMoved):
+            self.breaker_moves.labels(note.deployment, note.state).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -83,10 +83,20 @@ class Routed:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """An upstream attempt starts on a deployment (before it answers, and whether it answers
+    or not): the stream counts it, and an error names the deployment that failed."""
+
+    provider: str
+    upstream_model: str
+    deployment: str
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The stream failed; no further events follow."""
 
     error: ProxyError
 
 
-StreamEvent = ProviderEvent | Routed | Failed
+StreamEvent = ProviderEvent | Attempt | Routed | Failed

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.events import (
+    Attempt,
     Failed,
     Finished,
     FinishReason,
@@ -311,6 +312,12 @@ class Session:
         if cls is UsageReport:
             stream.add_usage(event)  # type: ignore[arg-type]
             return True
+        if cls is Attempt:  # counted whether it answers or not; an error names its deployment
+            assert isinstance(event, Attempt)
+            stream.attempts += 1
+            stream.deployment = event.deployment
+            stream.provider = event.provider
+            return True
         self._settle(stream_id)
         if cls is ReasoningDelta or cls is ToolCallDelta:
             self.tokens_relayed += 1
@@ -342,7 +349,6 @@ class Session:
             assert isinstance(event, Routed)
             stream.deployment = event.deployment
             stream.provider = event.provider
-            stream.attempts += 1
             if stream.seq == 0:  # the first routing; a failover before content, or a restart, sends nothing
                 stream.seq = 1
                 started = pb.StreamStarted(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.events import (
+    Attempt,
     Failed,
     Finished,
     ReasoningDelta,
@@ -71,13 +72,15 @@ _LIVE_MOVES: dict[type, Phase] = {
 
 TRANSITIONS: dict[Phase, dict[type, Phase]] = {
     Phase.PENDING: {
+        Attempt: Phase.PENDING,
         Routed: Phase.ROUTED,
         Failed: Phase.FAILED,
         CancelRequested: Phase.CANCELLED,
         ModifyRequested: Phase.PENDING,
     },
-    Phase.ROUTED: {**_LIVE_MOVES, Routed: Phase.ROUTED, UsageReport: Phase.ROUTED},  # Routed: failover
-    Phase.STREAMING: {**_LIVE_MOVES, Routed: Phase.STREAMING},  # Routed: continuation elsewhere
+    # Routed: failover (ROUTED) or continuation elsewhere (STREAMING); Attempt: each upstream attempt
+    Phase.ROUTED: {**_LIVE_MOVES, Routed: Phase.ROUTED, Attempt: Phase.ROUTED, UsageReport: Phase.ROUTED},
+    Phase.STREAMING: {**_LIVE_MOVES, Routed: Phase.STREAMING, Attempt: Phase.STREAMING},
     Phase.DONE: {},
     Phase.FAILED: {},
     Phase.CANCELLED: {},

@@ -184,11 +184,12 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> UpstreamEr
 class MessagesDecoder:
     """Per-stream state of one Messages answer: which content blocks are tool calls."""
 
-    __slots__ = ("_tool_index", "_reason")
+    __slots__ = ("_tool_index", "_reason", "_stopped")
 
     def __init__(self) -> None:
         self._tool_index: dict[int, int] = {}  # content block index -> our tool-call index
         self._reason = FinishReason.STOP
+        self._stopped = False  # message_delta carried stop_reason and the final usage
 
     def feed(self, event: SSEEvent) -> list[ProviderEvent]:
         payload = loads_event(event, PROVIDER)
@@ -233,9 +234,10 @@ class MessagesDecoder:
             return [UsageReport(prompt_tokens=prompt)] if prompt else []
         if kind == "message_delta":
             reason = (payload.get("delta") or {}).get("stop_reason")
+            output = (payload.get("usage") or {}).get("output_tokens")
             if reason:
                 self._reason = _FINISH.get(reason, FinishReason.STOP)
-            output = (payload.get("usage") or {}).get("output_tokens")
+                self._stopped = output is not None
             return [UsageReport(completion_tokens=output)] if output else []
         if kind == "message_stop":
             return [Finished(self._reason)]
@@ -245,6 +247,10 @@ class MessagesDecoder:
         return []  # ping, content_block_stop, and event types added later
 
     def end(self) -> list[ProviderEvent]:
+        # message_delta with a stop_reason and the final usage ends the answer; a body that
+        # ends after it without message_stop is complete, not cut.
+        if self._stopped:
+            return [Finished(self._reason)]
         raise StreamCut("anthropic's stream ended before message_stop")
 
 

@@ -11,8 +11,11 @@ past 256 KiB (pause_reading), which is the provider's backpressure.
 A finished response whose connection may stay open goes back to the pool; `aclose()` before the
 end aborts the connection, which is how the provider learns that the client went away (RFC 9112
 9.6: an unread body cannot be skipped on HTTP/1.1). A reused connection that the upstream had
-closed while idle fails before any byte of the response arrives; the request then goes once more
-on a new connection (the upstream never read it), as browsers and httpcore do.
+closed while idle fails before any byte of the response arrives; an idempotent request then goes
+once more on a new connection, as browsers and httpcore do. A POST does not: the upstream may
+have read it whole before the connection broke, and RFC 9112 9.3.1 forbids retrying a
+non-idempotent request automatically; the caller (the router, with its retry rules and budget)
+decides.
 
 Errors: `Unreachable` (could not connect or the connection failed before a response head; with
 `timed_out` when the connect deadline passed) and `BodyLost` (the connection failed or the
@@ -32,6 +35,7 @@ from typing import cast
 from server.providers.h1 import ProtocolError, ResponseHead, ResponseReader, request_bytes
 
 PAUSE_ABOVE_BYTES = 256 * 1024
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})  # RFC 9110 9.2.2
 
 
 class Unreachable(Exception):
@@ -239,7 +243,7 @@ class OriginPool:
                         await conn.wait()
                 except Unreachable:
                     conn.abort()
-                    if reused and not reader.received_any:
+                    if reused and not reader.received_any and method in IDEMPOTENT:
                         continue  # closed by the upstream while idle: once more, on a new one
                     raise
                 except BaseException:

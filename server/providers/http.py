@@ -14,7 +14,9 @@ task only while the driver itself awaits the upstream, never while the consumer 
 yielded event (backpressure is not a stall). An expired deadline becomes `UpstreamTimeout`.
 
 End of stream. A body that ends before the adapter saw the provider's own end of stream raises
-`StreamCut` (from `decoder.end()`), and so does a connection lost mid-body; every usage event
+`StreamCut` (from `decoder.end()`), and so does a connection lost mid-body or a stall, unless the
+provider had already signalled the end of the answer (its finish reason and usage: `decoder.end()`
+then returns `Finished`), in which case the answer is finished without its end event; every usage event
 decoded before that has been yielded already, so the core keeps the partial usage.
 
 Cancellation. Closing the iterator or cancelling the consuming task runs the `finally`, which
@@ -47,7 +49,7 @@ import httpx
 from server.core.events import Finished, ProviderEvent, ReasoningDelta, TextDelta, ToolCallDelta
 from server.core.request import ChatRequest
 from server.errors import StreamCut, UpstreamError, UpstreamServerError, UpstreamTimeout
-from server.providers.adapter import Adapter, Endpoint, Scrubber, UpstreamRequest
+from server.providers.adapter import Adapter, Endpoint, Scrubber, StreamDecoder, UpstreamRequest
 from server.providers.base import DeploymentInfo
 from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
 from server.providers.sse import SSEDecoder
@@ -305,6 +307,15 @@ class _Deadline:
         self._until = None
 
 
+def _signalled_end(decoder: StreamDecoder) -> list[ProviderEvent] | None:
+    """The decoder's last events when the provider already signalled the end of the answer
+    (finish reason and usage) and only its end event is missing; None when the answer is cut."""
+    try:
+        return decoder.end()
+    except StreamCut:
+        return None
+
+
 class HttpBackend:
     """A `Backend` for one deployment of an HTTP provider."""
 
@@ -371,7 +382,12 @@ class HttpBackend:
                 try:
                     chunk = await read()
                 except BodyLost:
-                    raise StreamCut(f"the connection to {adapter.name} was lost mid-stream") from None
+                    ended = _signalled_end(decoder)
+                    if ended is None:
+                        raise StreamCut(f"the connection to {adapter.name} was lost mid-stream") from None
+                    for event in ended:  # the answer was complete; only its end event was lost
+                        yield event
+                    return
                 finally:
                     deadline.done_waiting()
                 if not chunk:
@@ -394,7 +410,12 @@ class HttpBackend:
                 yield event
         except asyncio.CancelledError:
             if deadline.expired and task.uncancel() == 0:
-                raise self._timed_out(got_token) from None
+                ended = _signalled_end(decoder) if got_token else None
+                if ended is None:
+                    raise self._timed_out(got_token) from None
+                for event in ended:  # complete, and the end event never came: finished
+                    yield event
+                return
             raise
         except UpstreamError as exc:
             # Every provider text leaves here without our configured secrets (a provider may

@@ -160,9 +160,9 @@ def classify_error_object(
     message = err.get("message")
     detail = f": {redact(message)[:300]}" if isinstance(message, str) and message else ""
     if code == "context_length_exceeded":
-        return ContextLengthExceeded(f"{provider}: the prompt does not fit the model's context", **kw)
+        return ContextLengthExceeded(f"{provider}: the prompt does not fit the model's context{detail}", **kw)
     if code == "content_filter" or code == "content_policy_violation":
-        return ContentFiltered(f"{provider}: the provider's content filter refused the request", **kw)
+        return ContentFiltered(f"{provider}: the provider's content filter refused the request{detail}", **kw)
     if status == 429 or code == "rate_limit_exceeded" or code == "insufficient_quota":
         retry_after = parse_retry_after(headers)
         if code == "insufficient_quota":
@@ -183,12 +183,13 @@ def classify_error_object(
 class ChatCompletionsDecoder:
     """Per-stream state of one Chat Completions answer."""
 
-    __slots__ = ("_provider", "_reason", "_tool_ids")
+    __slots__ = ("_provider", "_reason", "_tool_ids", "_usage_seen")
 
     def __init__(self, provider: str) -> None:
         self._provider = provider
         self._reason: FinishReason | None = None
         self._tool_ids: dict[int, str] = {}
+        self._usage_seen = False
 
     def feed(self, event: SSEEvent) -> list[ProviderEvent]:
         data = event.data
@@ -223,6 +224,7 @@ class ChatCompletionsDecoder:
                 self._reason = _FINISH.get(reason, FinishReason.STOP)
         usage = chunk.get("usage")
         if usage:
+            self._usage_seen = True
             details = usage.get("completion_tokens_details") or {}
             out.append(
                 UsageReport(
@@ -246,6 +248,12 @@ class ChatCompletionsDecoder:
                 out.append(ToolCallDelta(index, "", "", arguments))
 
     def end(self) -> list[ProviderEvent]:
+        # The provider signalled the end of the answer (a finish_reason, then the usage chunk
+        # that `stream_options.include_usage` puts last) but not `[DONE]`: some OpenAI-compatible
+        # servers leave it out. The answer is complete; continuing it would add to a finished
+        # answer. Without both, the body was cut.
+        if self._reason is not None and self._usage_seen:
+            return [Finished(self._reason)]
         raise StreamCut(f"{self._provider}'s stream ended before [DONE]")
 
 

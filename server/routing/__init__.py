@@ -1,12 +1,14 @@
 """Routing: turns a request into one stream of events from the deployment that serves it.
 
-`Router.stream()` yields a `Routed` event naming the deployment, then that deployment's provider
-events. Failover, retries, circuit breakers and load distribution live here, behind this one
+`Router.stream()` yields an `Attempt` event per upstream attempt, a `Routed` event naming the
+deployment that answered, then that deployment's provider events. Failover, retries, circuit breakers and load distribution live here, behind this one
 method, so the connection driver never knows how many upstream attempts a stream took.
 
 - `policy`: configuration types and pure decisions (strategy, backoff, retry budget, overlap);
 - `breaker`: the per-deployment circuit breaker, a table-driven state machine;
-- `router`: the async driver.
+- `attempts`: the attempts of one request (which deployment next, retries, budget, continuation,
+  usage, operator notes), a table-driven state machine;
+- `router`: the async driver, its log lines and observers.
 """
 
 from server.routing.breaker import Breaker, BreakerState

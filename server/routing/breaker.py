@@ -84,6 +84,20 @@ class Breaker:
             self._move(Move.COOL, now_s)
         return self.state
 
+    def peek(self, now_s: float) -> BreakerState:
+        """The state at `now_s` without moving the breaker (safe from another thread, such as
+        the metrics server's)."""
+        state = self.state
+        if state is BreakerState.OPEN and now_s - self.opened_at >= self.policy.cooldown_s:
+            return BreakerState.HALF_OPEN
+        return state
+
+    def open_until(self, now_s: float) -> float:
+        """When an open breaker turns half-open (`now_s` when it is not open)."""
+        if self.current(now_s) is BreakerState.OPEN:
+            return self.opened_at + self.policy.cooldown_s
+        return now_s
+
     def available(self, now_s: float) -> bool:
         """Whether `allow()` would grant an attempt now (does not take a probe slot)."""
         state = self.current(now_s)

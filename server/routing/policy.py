@@ -10,8 +10,8 @@ seconds) and an `rng` (a `random.Random`), so every decision is reproducible in 
 - `retry_delay_s()`: exponential backoff with full jitter (AWS architecture blog, "Exponential
   Backoff And Jitter"), never shorter than the provider's `retry-after`.
 - `RetryBudget`: retries in flight at most `percent` of active requests, at least
-  `min_concurrent` (Envoy's `retry_budget`), and retries over a window at most `percent` of
-  the requests in it, so a 429 storm is not amplified.
+  `min_concurrent` (Envoy's `retry_budget`), and a token bucket that lets retries be at most
+  `percent` of requests (Finagle's), so a 429 storm is not amplified.
 - `OverlapStripper`: the start of a continuation minus what repeats the partial answer.
 """
 
@@ -46,7 +46,7 @@ class AfterFirstToken(enum.Enum):
 class RetryPolicy:
     """`max_attempts`: attempts per model group (the model, then each fallback), first included.
     `deadline_s`: no attempt starts (and no backoff ends) later than this after the request
-    began, or after the failure that triggers a continuation."""
+    began, or after the failure that triggers a continuation (each gets its own)."""
 
     max_attempts: int = 3
     backoff_base_s: float = 0.1
@@ -168,13 +168,19 @@ class RetryBudget:
     - in flight: retries waiting or running at most max(min_concurrent, percent% of active
       requests) (Envoy's `retry_budget`); a retry holds its slot from `try_acquire()` (before
       its backoff) to `release()` (its first token or its end);
-    - over time: retries granted in the last `window_s` at most max(min_concurrent, percent% of
-      the requests started in it) (Finagle's `RetryBudget`), so upstream attempts stay within
-      (1 + percent%) of client requests however fast attempts fail.
+    - over time, a token bucket (Finagle's `RetryBudget`): each request deposits percent/100 of
+      a token, each retry withdraws a whole one, and a deposit not spent within `window_s`
+      expires. A withdrawal is for good (it does not age out of a window and free its place
+      again, which is how a sliding count let storms reach 1.21-1.24x), so upstream attempts stay
+      within (1 + percent%) of client requests. A quiet server, whose deposits do not add up to
+      a token, still gets `min_concurrent` retries per `window_s`: such a retry borrows the
+      missing part, and the next deposits repay it before they can be spent. A debt not repaid
+      within `window_s` is forgiven, so the bound holds for storms above
+      min_concurrent / percent% requests per window (15 a second by default).
 
-    The window is short (1 s) so a quiet server still gets `min_concurrent` retries a second;
-    the bound on the ratio therefore holds for storms above min_concurrent / percent% requests
-    a second. Times are monotonic seconds from the caller; counts are kept in ten buckets."""
+    Times are monotonic seconds from the caller."""
+
+    _EPSILON = 1e-9
 
     def __init__(self, policy: BudgetPolicy, window_s: float = 1.0) -> None:
         self.policy = policy
@@ -183,21 +189,35 @@ class RetryBudget:
         self.retrying = 0
         self.granted = 0
         self.denied = 0
-        self._buckets: deque[list[int]] = deque()  # [bucket number, requests, retries]
+        self._share = policy.percent / 100
+        self._deposits: deque[list[float]] = deque()  # [expires_at, amount left], oldest first
+        self._balance = 0.0  # sum of the deposits' amounts
+        self._debts: deque[list[float]] = deque()  # [expires_at, amount owed], oldest first
+        self._recent: deque[float] = deque()  # times of the retries granted in the window
 
-    def _bucket(self, now_s: float) -> list[int]:
-        step = self.window_s / 10
-        second = int(now_s / step)
-        buckets = self._buckets
-        while buckets and buckets[0][0] <= second - 10:
-            buckets.popleft()
-        if not buckets or buckets[-1][0] != second:
-            buckets.append([second, 0, 0])
-        return buckets[-1]
+    def _expire(self, now_s: float) -> None:
+        deposits, debts, recent = self._deposits, self._debts, self._recent
+        while deposits and deposits[0][0] <= now_s:
+            self._balance -= deposits.popleft()[1]
+        while debts and debts[0][0] <= now_s:
+            debts.popleft()
+        while recent and recent[0] <= now_s - self.window_s:
+            recent.popleft()
 
     def start_request(self, now_s: float) -> None:
         self.active += 1
-        self._bucket(now_s)[1] += 1
+        self._expire(now_s)
+        amount = self._share
+        debts = self._debts
+        while debts and amount > 0:  # repay what quiet-time retries borrowed first
+            paid = min(debts[0][1], amount)
+            debts[0][1] -= paid
+            amount -= paid
+            if debts[0][1] <= self._EPSILON:
+                debts.popleft()
+        if amount > self._EPSILON:
+            self._deposits.append([now_s + self.window_s, amount])
+            self._balance += amount
 
     def end_request(self) -> None:
         self.active -= 1
@@ -206,17 +226,35 @@ class RetryBudget:
         return max(self.policy.min_concurrent, int(self.active * self.policy.percent / 100))
 
     def try_acquire(self, now_s: float) -> bool:
-        bucket = self._bucket(now_s)
-        requests = sum(b[1] for b in self._buckets)
-        retries = sum(b[2] for b in self._buckets)
-        allowed = max(self.policy.min_concurrent, int(requests * self.policy.percent / 100))
-        if self.retrying >= self.limit() or retries >= allowed:
+        self._expire(now_s)
+        if self.retrying >= self.limit():
             self.denied += 1
             return False
-        bucket[2] += 1
+        if self._balance >= 1 - self._EPSILON:
+            self._withdraw(1.0)
+        elif len(self._recent) < self.policy.min_concurrent:
+            owed = 1.0 - self._balance
+            self._withdraw(self._balance)
+            self._debts.append([now_s + self.window_s, owed])
+        else:
+            self.denied += 1
+            return False
+        self._recent.append(now_s)
         self.retrying += 1
         self.granted += 1
         return True
+
+    def _withdraw(self, amount: float) -> None:
+        deposits = self._deposits
+        self._balance -= amount
+        while deposits and amount > self._EPSILON:
+            taken = min(deposits[0][1], amount)
+            deposits[0][1] -= taken
+            amount -= taken
+            if deposits[0][1] <= self._EPSILON:
+                deposits.popleft()
+        if not deposits:
+            self._balance = 0.0
 
     def release(self) -> None:
         self.retrying -= 1

@@ -57,7 +57,8 @@ try {
       const { runStreams } = await import(blob);
       const { LLMProxyClient } = await import("/js/llmproxy.js");
       window.__kill = false;
-      window.__run = runStreams(LLMProxyClient, [wsUrl], spec, () => (window.__kill = true));
+      window.__reconnecting = false;
+      window.__run = runStreams(LLMProxyClient, [wsUrl], spec, (e) => (window[`__${e.event}`] = true));
     },
     { source: runSource, wsUrl, spec },
   );
@@ -70,6 +71,8 @@ try {
   console.log(JSON.stringify({ event: "kill" }));
 
   await page.waitForSelector("#conn[data-state=reconnecting]", { timeout: 10_000 });
+  await page.waitForFunction(() => window.__reconnecting === true, null, { timeout: 10_000 });
+  console.log(JSON.stringify({ event: "reconnecting" })); // both clients saw the bridge gone: restart it
   result.client = await page.evaluate(() => window.__run);
   await page.waitForFunction(() => document.querySelectorAll(".pair .turn.assistant[data-state]").length === 2, null, { timeout: 30_000 });
   await page.waitForSelector("#conn[data-state=open]");

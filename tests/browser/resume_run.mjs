@@ -8,7 +8,15 @@ export async function runStreams(LLMProxyClient, urls, spec, announce) {
   const client = new LLMProxyClient(urls, {
     backoff: { baseMs: spec.backoff_ms ?? 50, factor: 1.6, jitter: 0.2, maxMs: 500 },
     maxAttempts: 30,
-    onStateChange: (state, previous) => { out.states.push([previous, state]); (out.stateTimes ??= []).push([state, Math.round(performance.now())]); },
+    onStateChange: (state, previous) => {
+      out.states.push([previous, state]);
+      (out.stateTimes ??= []).push([state, Math.round(performance.now())]);
+      // The test restarts a killed bridge only once the client has seen it gone.
+      if (state === "reconnecting" && !out.announcedReconnecting) {
+        out.announcedReconnecting = true;
+        announce({ event: "reconnecting" });
+      }
+    },
     onSession: (frame, info) => out.sessions.push({ session_id: frame.session_id, resumed: info.resumed, streams: info.streams ?? null, refused: info.refused ? String(info.refused.message ?? JSON.stringify(info.refused)) : null }),
   });
   await client.connect();
@@ -26,7 +34,7 @@ export async function runStreams(LLMProxyClient, urls, spec, announce) {
           if (!announced && Object.values(counts).every((n) => n >= spec.kill_after)) {
             announced = true;
             out.killAtLastSeq = Object.fromEntries(Object.entries(handles).map(([k, h]) => [k, h.lastSeq]));
-            announce({ event: "kill" });
+            announce({ event: "kill", session: out.session });
           }
         },
       },

@@ -18,6 +18,8 @@ public model at a failure mode. Knobs:
     stream_error=N after N tokens send the provider's in-stream error event, then end
     malformed=N    after N tokens send an event that is not valid JSON
     no_done        leave out the end-of-stream event ([DONE], message_stop)
+    hold_end       after the answer, keep the body open (send nothing more, never end it)
+    drop_request   read the request, then drop the connection without answering
     status=S       answer with the provider's error body for HTTP status S
     code=X         the provider's structured error code/type for `status`
     retry_after=S, retry_after_ms=MS   headers of an error answer
@@ -59,6 +61,8 @@ class Knobs:
     stream_error: int | None = None
     malformed: int | None = None
     no_done: bool = False
+    hold_end: bool = False
+    drop_request: bool = False
     status: int | None = None
     code: str | None = None
     retry_after: str | None = None
@@ -75,7 +79,7 @@ class Knobs:
     def healthy(self) -> Knobs:
         """These knobs without their failure modes."""
         return replace(self, ttft=0.0, cut=None, reset=None, stall=None, stream_error=None, malformed=None,
-                       no_done=False, status=None, hang=False)
+                       no_done=False, hold_end=False, drop_request=False, status=None, hang=False)
 
     @classmethod
     def parse(cls, text: str, base: Knobs | None = None) -> Knobs:
@@ -298,6 +302,9 @@ class FakeServer:
             knobs = knobs.healthy()
         if knobs.hang:
             await asyncio.sleep(3600)
+        if knobs.drop_request:  # the request was read whole: a reset now leaves it ambiguous
+            conn.abort()
+            return False
         if knobs.status is not None:
             answer = self.provider.error(knobs.status, knobs)
             if knobs.retry_after is not None:
@@ -364,6 +371,8 @@ class FakeServer:
         if not knobs.no_done:
             for event in script.done:
                 await conn.chunk(event, knobs)
+        if knobs.hold_end:
+            await asyncio.sleep(3600)
         await conn.end_chunked()
         return True
 

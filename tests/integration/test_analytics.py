@@ -9,6 +9,7 @@ import time
 
 import grpc
 import httpx
+import pytest
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
@@ -58,22 +59,49 @@ async def run_streams(target: str, n: int, max_tokens: int = 20) -> list[tuple[f
     return out
 
 
+async def eventually(get, ok, what: str, timeout_s: float = 10.0):
+    """Polls `get()` (a function or a coroutine function) until `ok(value)`; fails after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = get()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout_s} s; last: {value!r}"[:2000])
+        await asyncio.sleep(0.05)
+
+
 async def test_metrics_stats_and_the_cli(tmp_path):
     db = tmp_path / "requests.sqlite3"
     server = start_server(*PACE, "--metrics-listen", "127.0.0.1:0", "--request-log", str(db))
     try:
         await run_streams(server.address, 6)
-        await asyncio.sleep(1.5)  # the janitor hands records over once a second
-        text = httpx.get(metrics_url(server)).text
-        assert 'gen_ai_server_time_to_first_token_seconds_count{deployment="demo",gen_ai_provider_name="demo",gen_ai_request_model="demo"} 6.0' in text
+        # The janitor hands records over about once a second: wait for the sixth to arrive at
+        # each end (metrics, live stats, request log), not for a fixed time.
+        ttft_count = 'gen_ai_server_time_to_first_token_seconds_count{deployment="demo",gen_ai_provider_name="demo",gen_ai_request_model="demo"} '
+        text = await eventually(lambda: httpx.get(metrics_url(server)).text, lambda t: f"{ttft_count}6.0" in t, "6 streams in /metrics")
         assert "gen_ai_server_time_per_output_token_seconds_bucket" in text
         assert 'gen_ai_client_token_usage_sum{gen_ai_provider_name="demo",gen_ai_request_model="demo",gen_ai_token_type="output"} 120.0' in text
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stats = await pb_grpc.LLMProxyStub(channel).Stats(pb.StatsRequest(window_s=600))
-        (row,) = stats.rows
+
+        async def stats() -> pb.StatsResponse:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                return await pb_grpc.LLMProxyStub(channel).Stats(pb.StatsRequest(window_s=600))
+
+        latest = await eventually(stats, lambda s: sum(r.streams for r in s.rows) >= 6, "6 streams in Stats")
+        (row,) = latest.rows
         assert (row.name, row.streams, row.errors, row.completion_tokens) == ("demo", 6, 0, 120)
         assert 30 < row.ttft_p50_ms < 500 and row.ux_score == 1.0
-        cli = subprocess.run([sys.executable, "-m", "server.analytics.cli", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+        def cli_run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "server.analytics.cli", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+        def logged_six(cli: subprocess.CompletedProcess[str]) -> bool:
+            lines = cli.stdout.splitlines()
+            return cli.returncode == 0 and len(lines) > 1 and lines[1].split()[:2] == ["demo", "6"]
+
+        cli = await eventually(cli_run, logged_six, "6 streams in the request log")
         assert cli.returncode == 0 and cli.stdout.splitlines()[1].split()[:2] == ["demo", "6"]
     finally:
         server.stop()

@@ -69,8 +69,12 @@ async def test_oversized_frame_gets_frame_too_large_and_a_huge_one_closes_1009(p
 async def test_duplicate_stream_id_is_refused_and_the_first_stream_is_untouched(proxy):
     async with open_ws(proxy.ws_url) as ws:
         await send(ws, start_frame("dup", max_tokens=20))
+        first = await recv(ws)
+        assert first["type"] == "started"  # the refusal below cannot be mistaken for the start's
         await send(ws, start_frame("dup", max_tokens=20))
-        frames = (await collect(ws, {"dup"}))["dup"]
+        frames = [first]
+        while not (frames[-1]["type"] in ("done", "error") and frames[-1]["seq"] > 0):
+            frames.append(await recv(ws))
         rejected = [f for f in frames if f["type"] == "error"]
         assert [r["code"] for r in rejected] == ["duplicate_stream_id"] and rejected[0]["seq"] == 0
         assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 20

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.procs import ROOT, start
 
-STREAM_KEYS = ("A1", "A50", "i", "ii", "iii_50", "iii_200", "iv")
+STREAM_KEYS = ("A1", "A50", "i", "ii", "iii_50", "iii_200", "vi", "iv")
 PATH_FIELDS = ("streams", "failed", "tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "per_token_ms", "proxy_cpu_us_per_token")
 
 

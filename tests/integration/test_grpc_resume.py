@@ -47,7 +47,9 @@ async def test_grpc_client_resumes_after_the_connection_is_cut(server):
             handles = start_three(client, 120)
             counts, out = {h.id: 0 for h in handles}, {}
             reader = asyncio.create_task(read_all(handles, counts, out))
+            deadline = asyncio.get_running_loop().time() + 10
             while min(counts.values()) < 25:
+                assert asyncio.get_running_loop().time() < deadline, f"no 25 tokens on every stream: {counts}"
                 await asyncio.sleep(0.005)
             relay.cut()  # every TCP connection of the channel reset mid-stream
             await asyncio.wait_for(reader, 30)

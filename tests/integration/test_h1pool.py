@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
+import time
 
 import httpx
 import pytest
@@ -106,6 +107,7 @@ class RawServer:
         self.idle_close_s = idle_close_s
         self.requests: list[bytes] = []
         self.connections = 0
+        self.closed = 0  # connections this server has closed
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> RawServer:
@@ -145,6 +147,16 @@ class RawServer:
             pass
         finally:
             writer.close()
+            self.closed += 1
+
+
+async def until(condition, what: str, timeout_s: float = 5.0) -> None:
+    """Polls `condition()` until it holds; fails after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(0.005)
 
 
 def chunked(body: bytes, headers: bytes = b"") -> bytes:
@@ -155,19 +167,39 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced(pool):
     async with RawServer(lambda n: chunked(SSE), idle_close_s=0.05) as server:
         b = openai_backend(server.url, pool)
         assert (await run(b))[:2] == ("Hi", None)
-        await asyncio.sleep(0.2)  # the upstream has closed the idle connection by now
+        await until(lambda: server.closed == 1, "the upstream closes the idle connection")
         assert (await run(b))[:2] == ("Hi", None)
     assert server.connections == 2 and len(server.requests) == 2
 
 
-async def test_a_reused_connection_closed_as_the_request_arrives_is_retried_once(pool):
-    # The race the idle check cannot see: the upstream closes the kept-alive connection just as
-    # the next request goes out. It goes once more on a new connection.
+async def test_a_post_on_a_reused_connection_that_broke_after_it_was_read_is_not_sent_again(pool):
+    # The upstream read the whole POST and then closed the kept-alive connection without an
+    # answer. It may have acted on it: the transport does not send it again (RFC 9112 9.3.1);
+    # the attempt fails and the router's retry rules decide (issue 19, finding 5).
     async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
         b = openai_backend(server.url, pool)
         assert (await run(b))[:2] == ("Hi", None)
-        assert (await run(b))[:2] == ("Hi", None)
-    assert server.connections == 2 and len(server.requests) == 3
+        text, error, _ = await run(b)
+        assert isinstance(error, UpstreamServerError) and text == ""
+        assert (await run(b))[:2] == ("Hi", None)  # the next request gets a new connection
+    assert len(server.requests) == 3
+
+
+async def test_an_idempotent_request_on_a_reused_connection_that_broke_goes_once_more():
+    from server.providers.h1pool import OriginPool
+
+    async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        origin = OriginPool("http", "127.0.0.1", port, None, 10, 30.0)
+        try:
+            for _ in range(2):
+                exchange = await origin.open(b"GET", b"/", [(b"host", b"127.0.0.1")], b"", connect_s=5, pool_s=5)
+                while await exchange.read():
+                    pass
+                exchange.aclose()
+        finally:
+            origin.aclose()
+    assert server.connections == 2 and len(server.requests) == 3  # the GET went twice
 
 
 async def test_a_connection_closed_without_an_answer_is_an_upstream_error(pool):
@@ -201,9 +233,9 @@ async def test_an_unread_body_stops_reading_the_socket(pool):
         upstream = pool.upstream_for(server.url)
         request = UpstreamRequest("POST", server.url + "/v1/chat/completions", {}, b"{}")
         exchange = await upstream.open(request, httpx.Timeout(2.0))
-        await asyncio.sleep(0.5)
         conn = exchange._exchange._conn  # the one connection under test
-        assert conn._paused and conn.reader.buffered < 2 * 1024 * 1024
+        await until(lambda: conn._paused, "the client pauses reading the socket")
+        assert conn.reader.buffered < 2 * 1024 * 1024
         total = 0
         while chunk := await exchange.read():
             total += len(chunk)

@@ -79,7 +79,7 @@ def test_node_client_resumes_after_the_bridge_is_killed_and_restarted(server, ex
         with NodeScript([*NODE, "tests/browser/js_resume.mjs", json.dumps([bridge.address]), spec()]) as node:
             node.wait_event("kill", 30)
             bridge.kill()  # SIGKILL: no close frames, no cleanup
-            time.sleep(0.3)
+            node.wait_event("reconnecting", 10)  # the client saw it gone; now it comes back
             bridge = start_bridge(server.address, port=port)
             r = node.result(45)
     finally:
@@ -108,9 +108,11 @@ def test_node_client_fails_streams_with_expired_after_the_grace_period():
     one = json.dumps({"streams": {"x": "Explain quantum computing"}, "seed": SEED, "max_tokens": MAX_TOKENS, "kill_after": 5, "backoff_ms": 50})
     try:
         with NodeScript([*NODE, "tests/browser/js_resume.mjs", json.dumps([bridge.address]), one]) as node:
-            node.wait_event("kill", 30)
+            session = node.wait_event("kill", 30)["session"]
             bridge.kill()
-            time.sleep(1.2)  # longer than the grace period: the session is gone
+            node.wait_event("reconnecting", 10)
+            # The bridge comes back only once the server has expired the session (grace 0.3 s).
+            wait_session_gone(s.address, session, 5)
             bridge = start_bridge(s.address, port=port)
             r = node.result(45)
     finally:
@@ -119,6 +121,14 @@ def test_node_client_fails_streams_with_expired_after_the_grace_period():
     x = r["streams"]["x"]
     assert x["status"] == "rejected" and x["code"] == "expired", x
     assert r["finalSession"] != r["session"]["session_id"], "a fresh session replaces the expired one"
+
+
+def wait_session_gone(target: str, session: dict, timeout_s: float) -> None:
+    """Polls GetSession until the server no longer has the session; fails after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while (state := asyncio.run(get_session(target, session))) != grpc.StatusCode.NOT_FOUND:
+        assert time.monotonic() < deadline, f"the session outlived its grace period: {state}"
+        time.sleep(0.02)  # poll interval
 
 
 async def get_session(target: str, session: dict) -> pb.SessionState | grpc.StatusCode:
@@ -182,7 +192,7 @@ async def test_chromium_client_and_demo_page_resume_after_the_bridge_is_killed(s
         with NodeScript(args) as node:
             await asyncio.to_thread(node.wait_event, "kill", 40)
             bridge.kill()
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(node.wait_event, "reconnecting", 15)  # the page and its client saw it gone
             bridge = start_bridge(server.address, port=port)
             r = await asyncio.to_thread(node.result, 60)
     finally:

@@ -58,7 +58,6 @@ FAILURES = {  # case -> the error code on the wire, per provider (None: not appl
     "ttft": dict.fromkeys(PROVIDERS, "timeout"),
     "stream_error": {"openai": "upstream_error", "anthropic": "overloaded", "gemini": "overloaded"},
     "r529": {"openai": None, "anthropic": "overloaded", "gemini": None},
-    "no_done": {"openai": "upstream_error", "anthropic": "upstream_error", "gemini": None},
 }
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}
 
@@ -122,6 +121,18 @@ async def test_plain_text_with_usage(chain, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+async def test_end_signalled_without_the_end_event_is_finished(chain, provider):
+    """finish_reason + usage (OpenAI), message_delta with stop_reason + usage (Anthropic),
+    finishReason (Gemini has no end event): the answer is complete without [DONE] /
+    message_stop, and is reported as done, not as an error (issue 19, finding 3)."""
+    frames = await run_stream(chain, f"{provider}-no_done")
+    assert not any(f["type"] == "error" for f in frames)
+    done = frames[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    assert text_of(frames).startswith(TEXT[provider]) and done["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 async def test_multi_turn_with_system_prompt_reaches_the_provider_mapped(chain, fakes, provider):
     messages = [
         {"role": "system", "content": "You are terse."},
@@ -182,12 +193,13 @@ async def test_cancel_closes_the_upstream(chain, fakes, provider):
     assert disconnects[-1] - t_cancel < 0.1, f"the upstream saw the disconnect {1000 * (disconnects[-1] - t_cancel):.0f} ms after cancel"
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", list(FAILURES))
+# Only the pairs that apply: a failure a provider cannot produce is left out, not skipped.
+FAILURE_PAIRS = [(provider, case) for case, codes in FAILURES.items() for provider, code in codes.items() if code is not None]
+
+
+@pytest.mark.parametrize(("provider", "case"), FAILURE_PAIRS)
 async def test_failure_ends_with_a_typed_error_never_done(chain, provider, case):
     code = FAILURES[case][provider]
-    if code is None:
-        pytest.skip(f"{case} does not apply to {provider}")
     frames = await run_stream(chain, f"{provider}-{case}")
     assert not any(f["type"] == "done" for f in frames)
     error = frames[-1]
@@ -200,9 +212,21 @@ async def test_failure_ends_with_a_typed_error_never_done(chain, provider, case)
         assert error["usage"]["prompt_tokens"] > 0
 
 
-def test_keys_never_appear_in_logs_or_frames(chain):
-    assert FRAMES, "run with the rest of the module"
-    text = "\n".join(FRAMES + chain.log_lines())
+# The streams the key scan runs itself, so that it stands alone (`-k keys`): a success, the
+# upstream refusing the key, an upstream error body, a broken stream, and an error mid-stream.
+LEAK_CASES = ("text", "r401", "r500", "malformed", "stream_error")
+
+
+async def test_keys_never_appear_in_logs_or_frames(chain, fakes):
+    for provider in PROVIDERS:
+        for case in LEAK_CASES:
+            await run_stream(chain, f"{provider}-{case}")
+        # The key really went upstream, so its absence below means it was kept out.
+        sent = fake_state(fakes[provider])["requests"]
+        assert any(KEYS[provider] in json.dumps(r["headers"]) for r in sent), f"the {provider} fake never saw the key"
+    logs = chain.log_lines()
+    assert any("DEBUG" in line for line in logs), "the chain logs at DEBUG: there is something to scan"
+    text = "\n".join(FRAMES + logs)  # this test's frames, and every other test's of the module that ran
     for provider, key in KEYS.items():
         assert key not in text, f"the {provider} key leaked"
         assert key[-12:] not in text

@@ -196,7 +196,6 @@ for _provider in FAKES:
         (_provider, "reset=2", StreamCut, None),
         (_provider, "malformed=1", MalformedStream, None),
     ]
-FAILURES += [("openai", "no_done", StreamCut, None), ("anthropic", "no_done", StreamCut, None)]
 
 
 @pytest.mark.parametrize(("provider", "knobs", "error_type", "retry_after"), FAILURES)
@@ -208,6 +207,23 @@ async def test_failure_knob_gives_typed_error(provider, knobs, error_type, retry
     if retry_after is not None:
         assert error.retry_after_s == pytest.approx(retry_after)
     assert SECRET not in str(error) and SECRET not in error.body and SECRET not in error.message
+
+
+@pytest.mark.parametrize("provider", FAKES)
+async def test_an_answer_whose_end_was_signalled_finishes_without_the_end_event(provider, pool):
+    # finish_reason + usage / message_delta stop_reason + usage / finishReason, no [DONE] or
+    # message_stop: finished, not cut (and not to be continued)
+    async with FAKES[provider].serve() as fake:
+        events, error = await run(backend(provider, fake, pool, "m@tokens=5,no_done"))
+    assert error is None and isinstance(events[-1], Finished)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == generated_tokens(5)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_stall_after_the_signalled_end_finishes_instead_of_timing_out(provider, pool):
+    async with FAKES[provider].serve() as fake:
+        events, error = await run(backend(provider, fake, pool, "m@tokens=5,no_done,hold_end", timeouts=Timeouts(stall_s=0.3)))
+    assert error is None and isinstance(events[-1], Finished)
 
 
 @pytest.mark.parametrize("provider", FAKES)
@@ -306,7 +322,12 @@ async def test_cancel_during_first_token_wait(default_pool):
                     pass
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        # Cancelled while it waits for the first token: once the upstream has the request.
+        deadline = time.monotonic() + 5
+        while not fake.requests:
+            assert time.monotonic() < deadline, "the request never reached the fake"
+            await asyncio.sleep(0.005)
+        assert not task.done()
         task.cancel()
         t0 = time.monotonic()
         with pytest.raises(asyncio.CancelledError):

@@ -53,7 +53,29 @@ MODELS: dict[str, tuple[list[tuple[str, float, dict | None]], dict]] = {
     "fb-b": ([("m@status=503,tag=fbb", 1, None)], {}),
     "brk": ([("m@tokens=3,status=500,times=3,tag=brk", 1, None)],
             {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 3, "cooldown_s": 0.5}}),
-    "weighted": ([("m@tokens=1,tag=w3", 3, None), ("m@tokens=1,tag=w1", 1, None)], {}),
+    # issue 19: continue mode, each with a fallback; the primary keeps the default 3 attempts
+    "stall-cont": ([("m@tokens=60,stall=20,tag=stallcont", 1, {"stall_s": 0.5})],
+                   {"after_first_token": "continue", "fallbacks": ["cont-s"]}),
+    "cont-s": ([("m@tokens=45,offset=15,tag=conts", 1, None)], {}),
+    "malformed-cont": ([("m@tokens=60,malformed=30,tag=malcont", 1, None)], {"after_first_token": "continue", "fallbacks": ["cont-m"]}),
+    "cont-m": ([("m@tokens=44,offset=16,tag=contm", 1, None)], {}),
+    "nodone-cont": ([("m@tokens=20,no_done,tag=nodonecont", 1, None)], {"after_first_token": "continue", "fallbacks": ["cont-nd"]}),
+    "cont-nd": ([("m@tokens=5,tag=contnd", 1, None)], {}),
+    "cut-cont2": ([("m@tokens=60,cut=40,tag=cutcont2", 1, None)], {"after_first_token": "continue", "fallbacks": ["cont-c"]}),
+    # the generated words repeat every 17: a repeat longer than the true one must not fit the
+    # partial answer, or the overlap is ambiguous (the continuations repeat 24 and 14 words)
+    "cont-c": ([("m@tokens=44,offset=16,tag=contc", 1, None)], {}),
+    "r429-fb": ([("m@status=429,retry_after=1,tag=r429fb", 1, None)], {"fallbacks": ["ok-429"]}),
+    "ok-429": ([("m@tokens=5,tag=ok429", 1, None)], {}),
+    "brk429": ([("m@status=429,retry_after=30,tag=brk429", 1, None)],
+               {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 1, "cooldown_s": 5}}),
+    "drop": ([("m@tokens=5,drop_request,times=1,tag=drop", 1, None)], {"fallbacks": ["drop-b"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "drop-b": ([("m@tokens=5,tag=dropb", 1, None)], {}),
+    "warm": ([("m@tokens=1,tag=warm", 1, None)], {}),
+    "ops": ([("m@tokens=3,status=500,times=1,tag=ops", 1, None)], {"fallbacks": ["ops-b"], "retry": {**FAST_RETRY, "max_attempts": 2}}),
+    "ops-b": ([("m@tokens=3,tag=opsb", 1, None)], {}),
+    "ops-brk": ([("m@tokens=3,status=500,times=1,tag=opsbrk", 1, None)],
+                {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 1, "cooldown_s": 1.0}}),
 }
 
 
@@ -80,7 +102,7 @@ def chain(fake, tmp_path_factory):
         config["models"][public] = {**routing, "deployments": listed}
     path = tmp_path_factory.mktemp("routing") / "llmproxy.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    proxy = start_proxy(("--config", str(path), "--max-streams", "100"), (), {"ROUTING_KEY": "sk-routing-test"})
+    proxy = start_proxy(("--config", str(path), "--max-streams", "100", "--metrics-listen", "127.0.0.1:0"), (), {"ROUTING_KEY": "sk-routing-test"})
     yield proxy
     proxy.stop()
 
@@ -153,6 +175,8 @@ async def test_500_once_is_retried(chain, fake):
     (frames,) = await run(chain, "r500-once")
     assert outcome(frames)["type"] == "done" and text(frames)
     assert counts_by_tag(fake)["r500"] == 2
+    # issue 19 finding 6: the attempt that failed before answering counts too
+    assert outcome(frames)["timing"]["attempts"] == 2
 
 
 async def test_persistent_503_fails_after_max_attempts(chain, fake):
@@ -179,6 +203,7 @@ async def test_cut_after_40_of_60_tokens_is_an_error_with_partial_usage(chain, f
     error = outcome(frames)
     assert error["type"] == "error" and error["code"] == "upstream_error" and "usage" in error
     assert text(frames) == words(40)
+    assert error["usage"]["completion_tokens"] == 40 and error["deployment"] == "cut-1"
     assert counts_by_tag(fake)["cut"] == 1
 
 
@@ -199,6 +224,14 @@ async def test_cut_after_40_of_60_tokens_continues_without_repeating(chain, fake
         bodies = [json.loads(q["body"]) for q in json.loads(r.read())["requests"] if "tag=contb" in q["body"]]
     messages = bodies[-1]["messages"]
     assert messages[-2] == {"role": "assistant", "content": words(40)} and messages[-1]["role"] == "user"
+    # issue 19 finding 1: the usage of both attempts, summed: 40 delivered by the cut attempt
+    # (it reported none: its content events count) + the continuation's own 10 (and its prompt)
+    assert (done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]) == (14, 50), done["usage"]
+    assert done["timing"]["attempts"] == 2
+    # the token usage metric carries the same count (the request log's row comes from the same record)
+    usage_line = 'gen_ai_client_token_usage_sum{gen_ai_provider_name="openai",gen_ai_request_model="cut-cont",gen_ai_token_type="output"}'
+    await wait_for(lambda: usage_line in metrics_text(chain))
+    assert f"{usage_line} 50.0" in metrics_text(chain)
 
 
 async def test_stall_after_20_tokens_is_a_timeout_with_partial_usage(chain, fake):
@@ -215,11 +248,14 @@ async def test_malformed_chunk_before_the_first_token_is_retried(chain, fake):
     assert counts_by_tag(fake)["malformed"] == 2
 
 
-async def test_missing_done_is_never_reported_as_finished(chain, fake):
+async def test_missing_done_after_finish_reason_and_usage_is_finished(chain, fake):
+    # issue 19 finding 3: the provider signalled the end (finish_reason, then usage): the
+    # answer is complete without [DONE], in error mode too (a body cut before that still is an
+    # error: test_cut_after_40_of_60_tokens_is_an_error_with_partial_usage)
     (frames,) = await run(chain, "no-done")
-    error = outcome(frames)
-    assert error["type"] == "error" and error["code"] == "upstream_error"
-    assert text(frames) == words(5)
+    done = outcome(frames)
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    assert text(frames) == words(5) and done["usage"]["completion_tokens"] == 5
     assert counts_by_tag(fake)["nodone"] == 1
 
 
@@ -230,6 +266,10 @@ async def test_non_retryable_errors_reach_the_client_after_one_attempt(chain, fa
     assert error["type"] == "error" and error["code"] == code and error["message"]
     counts = counts_by_tag(fake)
     assert (counts[tag], counts[f"{tag}2"]) == (1, 0), "no retry, no fallback"
+    # issue 19 finding 6: the frame names the deployment and keeps the provider's reason
+    assert error["deployment"] == f"{model}-1" and error["timing"]["attempts"] == 1
+    if model == "context":
+        assert "128000 tokens" in error["message"], error["message"]
 
 
 async def test_flapping_primary_every_request_is_answered(chain, fake):
@@ -257,50 +297,244 @@ async def test_fallback_that_also_fails(chain, fake):
 # -- figures -------------------------------------------------------------------------------------
 
 
-async def test_429_storm_is_not_amplified(fake, tmp_path):
+@pytest.mark.parametrize("gap_s", [0.0, 0.02])
+async def test_429_storm_is_not_amplified(fake, tmp_path, gap_s):
     config = {"routing": {"retry": FAST_RETRY}, "models": {"storm": {
-        "provider": "openai", "model": "m@status=429,tag=storm", "base_url": f"http://{fake.address}/v1", "key": "env:ROUTING_KEY",
+        "provider": "openai", "model": f"m@status=429,tag=storm{gap_s}", "base_url": f"http://{fake.address}/v1", "key": "env:ROUTING_KEY",
         "breaker": {"failures": 100000, "min_requests": 100000}}}}  # the budget alone, not the breaker
     path = tmp_path / "storm.yaml"
     path.write_text(json.dumps(config))
     storm_chain = start_proxy(("--config", str(path), "--max-streams", "100"), (), {"ROUTING_KEY": "sk-routing-test"})
     n = 100
     try:
-        results = await asyncio.gather(*(run(storm_chain, "storm", 25, timeout_s=30) for _ in range(n // 25)))
+        if gap_s:  # arrivals gap_s apart (issue 19: a quarter of such storms reached 1.21-1.24)
+            async def one(i: int) -> list[list[dict]]:
+                await asyncio.sleep(i * gap_s)
+                return await run(storm_chain, "storm", 1, timeout_s=30)
+
+            results = await asyncio.gather(*(one(i) for i in range(n)))
+        else:
+            results = await asyncio.gather(*(run(storm_chain, "storm", 25, timeout_s=30) for _ in range(n // 25)))
     finally:
         storm_chain.stop()
     frames = [f for group in results for f in group]
     assert all(outcome(f)["code"] == "rate_limited" for f in frames)
-    ratio = counts_by_tag(fake)["storm"] / n
-    print(f"\n429 storm: {n} client requests, upstream attempts / client requests = {ratio:.2f}")
+    ratio = counts_by_tag(fake)[f"storm{gap_s}"] / n
+    print(f"\n429 storm (arrivals {gap_s * 1000:g} ms apart): {n} client requests, upstream attempts / client requests = {ratio:.2f}")
     assert ratio <= 1.2
 
 
 async def test_breaker_opens_and_closes_as_configured(chain, fake):
-    codes = [outcome((await run(chain, "brk"))[0])["code"] for _ in range(3)]
+    codes = [outcome((await run(chain, "brk"))[0])["code"] for _ in range(2)]
+    opened = time.monotonic()  # no later than the breaker opens, on the third failure
+    codes.append(outcome((await run(chain, "brk"))[0])["code"])
     assert codes == ["upstream_error"] * 3 and counts_by_tag(fake)["brk"] == 3
     (frames,) = await run(chain, "brk")  # open: refused without an upstream attempt
     error = outcome(frames)
     assert error["code"] == "overloaded" and "circuit" in error["message"]
     assert counts_by_tag(fake)["brk"] == 3
-    await asyncio.sleep(0.6)  # cooldown 0.5 s: half-open, one probe
-    (frames,) = await run(chain, "brk")
-    assert outcome(frames)["type"] == "done"
+    # Cooldown 0.5 s: refused until then, then half-open and one probe, which succeeds. Poll
+    # (each refusal costs no upstream attempt) instead of sleeping past the cooldown.
+    while outcome(frames)["type"] != "done":
+        assert outcome(frames)["code"] == "overloaded", outcome(frames)
+        assert time.monotonic() - opened < 5, "the breaker never let a probe through"
+        await asyncio.sleep(0.05)
+        (frames,) = await run(chain, "brk")
+    probed_after = time.monotonic() - opened
+    assert probed_after >= 0.5, f"a probe went through {probed_after * 1000:.0f} ms after opening, inside the 0.5 s cooldown"
     for _ in range(2):
         (frames,) = await run(chain, "brk")
         assert outcome(frames)["type"] == "done"
-    print(f"\nbreaker: opened after 3 failures (request 4 refused, 0 attempts), closed by the probe after 0.5 s;"
+    print(f"\nbreaker: opened after 3 failures (request 4 refused, 0 attempts), closed by the probe after {probed_after:.2f} s (cooldown 0.5 s);"
           f" upstream attempts {counts_by_tag(fake)['brk']} for 7 requests")
     assert counts_by_tag(fake)["brk"] == 6
 
 
-async def test_weighted_routing_follows_the_weights(chain, fake):
+async def test_weighted_routing_follows_the_weights(fake, tmp_path):
+    # A server of its own with a seeded router: every choice is one draw from random.Random(5),
+    # whatever ran before and in whatever order the 50 concurrent requests arrive, so the share
+    # is the same on every run (the unit test in tests/unit/routing checks the draw itself).
+    config = {"models": {"weighted": {"deployments": [
+        {"name": f"w{weight}", "provider": "openai", "model": f"m@tokens=1,tag=w{weight}", "weight": weight,
+         "base_url": f"http://{fake.address}/v1", "key": "env:ROUTING_KEY"}
+        for weight in (3, 1)]}}}
+    path = tmp_path / "weighted.yaml"
+    path.write_text(json.dumps(config))
+    weighted_chain = start_proxy(("--config", str(path), "--max-streams", "100", "--routing-seed", "5"), (), {"ROUTING_KEY": "sk-routing-test"})
     n = 400
-    for _ in range(n // 50):
-        results = await run(chain, "weighted", 50)
-        assert all(outcome(f)["type"] == "done" for f in results)
+    try:
+        for _ in range(n // 50):
+            results = await run(weighted_chain, "weighted", 50)
+            assert all(outcome(f)["type"] == "done" for f in results)
+    finally:
+        weighted_chain.stop()
     counts = counts_by_tag(fake)
     share = counts["w3"] / (counts["w3"] + counts["w1"])
     print(f"\nweighted 3:1 over {n} requests through the chain: {share:.3f} to the weight-3 deployment (expected 0.750)")
     assert counts["w3"] + counts["w1"] == n
     assert abs(share - 0.75) <= 0.07
+
+
+# -- issue 19: continuation that tells the truth, failures an operator can see --------------------
+
+
+def continued_at(frames) -> tuple[float, float]:
+    """(seconds from the last token before the failover frame to that frame, to the first
+    continued token)."""
+    kinds = [f["type"] for f in frames]
+    switch = kinds.index("failover")
+    last = max(f["_t"] for f in frames[:switch] if f["type"] == "token")
+    first = next(f["_t"] for f in frames[switch:] if f["type"] == "token")
+    return frames[switch]["_t"] - last, first - last
+
+
+async def test_a_stalled_stream_continues_on_the_fallback_first(chain, fake):
+    # finding 2: the primary keeps 3 attempts, but a continuation goes to another deployment
+    # first: one failover frame naming the fallback, right after the 0.5 s stall timeout
+    before = counts_by_tag(fake)
+    (frames,) = await run(chain, "stall-cont")
+    done = outcome(frames)
+    assert done["type"] == "done" and done["deployment"] == "cont-s-1"
+    assert text(frames) == words(60)
+    failovers = [f for f in frames if f["type"] == "failover"]
+    assert [f["deployment"] for f in failovers] == ["cont-s-1"]
+    counts = counts_by_tag(fake) - before
+    assert (counts["stallcont"], counts["conts"]) == (1, 1)
+    _, to_first = continued_at(frames)
+    assert to_first < 0.5 + 1.5, f"{to_first:.2f}s of silence"  # the stall timeout plus a generous margin
+    # usage: the stalled attempt's 20 delivered tokens + the continuation's own 45
+    assert done["usage"]["completion_tokens"] == 65 and done["timing"]["attempts"] == 2
+
+
+async def test_a_finished_answer_without_done_is_not_continued(chain, fake):
+    # finding 3: finish_reason + usage, no [DONE]: finished; no continuation request
+    (frames,) = await run(chain, "nodone-cont")
+    done = outcome(frames)
+    assert done["type"] == "done" and done["deployment"] == "nodone-cont-1"
+    assert text(frames) == words(20) and not any(f["type"] == "failover" for f in frames)
+    assert done["usage"]["completion_tokens"] == 20
+    counts = counts_by_tag(fake)
+    assert (counts["nodonecont"], counts["contnd"]) == (1, 0)
+    print(f"\ncontinue/missing [DONE]: frames: started, {len(text(frames).split())} words in"
+          f" {[f['type'] for f in frames].count('token')} token frames, done({done['finish_reason']});"
+          f" usage {done['usage']['prompt_tokens']}+{done['usage']['completion_tokens']}; attempts {done['timing']['attempts']};"
+          f" no continuation")
+
+
+async def test_a_rate_limited_primary_with_a_ready_fallback_costs_no_waiting(chain, fake):
+    # finding 4: Retry-After: 1 on the primary; the fallback answers at once
+    t0 = time.monotonic()
+    (frames,) = await run(chain, "r429-fb")
+    elapsed = time.monotonic() - t0
+    done = outcome(frames)
+    assert done["type"] == "done" and done["deployment"] == "ok-429-1"
+    assert elapsed < 0.9, f"waited {elapsed:.2f}s"
+    counts = counts_by_tag(fake)
+    assert (counts["r429fb"], counts["ok429"]) == (1, 1)
+
+
+async def test_an_open_breaker_keeps_the_providers_retry_after(chain, fake):
+    # finding 4: the 429's retry-after (30 s) outlives the breaker's cooldown (5 s): the
+    # overloaded answer says 30 s, not nothing
+    (frames,) = await run(chain, "brk429")
+    error = outcome(frames)
+    assert error["code"] == "rate_limited" and error["retry_after_ms"] == 30000
+    (frames,) = await run(chain, "brk429")
+    error = outcome(frames)
+    assert error["code"] == "overloaded" and "circuit" in error["message"]
+    assert 25000 <= error["retry_after_ms"] <= 30000, error
+    assert counts_by_tag(fake)["brk429"] == 1
+
+
+async def test_a_post_the_upstream_read_is_not_sent_twice(chain, fake):
+    # finding 5: the upstream reads the whole request on a kept-alive connection and drops it
+    # without an answer; the transport does not send it again on its own: the router fails
+    # over (its retry rules), and the upstream saw the request once
+    (frames,) = await run(chain, "warm")  # leaves a kept-alive connection to reuse
+    assert outcome(frames)["type"] == "done"
+    (frames,) = await run(chain, "drop")
+    done = outcome(frames)
+    assert done["type"] == "done" and done["deployment"] == "drop-b-1" and done["timing"]["attempts"] == 2
+    counts = counts_by_tag(fake)
+    assert (counts["drop"], counts["dropb"]) == (1, 1)
+
+
+def metrics_text(chain) -> str:
+    line = next(line for line in chain.server.lines if line.startswith("llmproxy-server metrics on "))
+    with urllib.request.urlopen(line.rsplit(" ", 1)[1], timeout=5) as r:
+        return r.read().decode()
+
+
+def routing_lines(chain, needle: str) -> list[str]:
+    return [line for line in chain.server.lines if "llmproxy.routing" in line and needle in line]
+
+
+async def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_failed_attempts_retries_and_failovers_are_logged_once_and_counted(chain, fake):
+    # finding 7: ops-1 answers 500 once: a failed attempt, then a retry on ops-1 (max 2)
+    (frames,) = await run(chain, "ops")
+    assert outcome(frames)["type"] == "done"
+    await wait_for(lambda: routing_lines(chain, "event=retry model=ops "))
+    failed = routing_lines(chain, "event=attempt_failed model=ops ")
+    assert len(failed) == 1 and "deployment=ops-1" in failed[0] and "status=500" in failed[0] and "WARNING" in failed[0]
+    assert len(routing_lines(chain, "event=retry model=ops deployment=ops-1")) == 1
+    text_ = metrics_text(chain)
+    assert 'llmproxy_upstream_attempt_failures_total{code="upstream_error",deployment="ops-1"} 1.0' in text_
+    assert 'llmproxy_upstream_retries_total{deployment="ops-1"} 1.0' in text_
+    # a failover: fb-a allows one attempt, then fb-b
+    (frames,) = await run(chain, "fb-a")
+    await wait_for(lambda: routing_lines(chain, "event=failover model=fb-a from=fb-a-1 deployment=fb-b-1"))
+    assert 'llmproxy_upstream_failovers_total{deployment="fb-b-1",from_deployment="fb-a-1",kind="failover"}' in metrics_text(chain)
+
+
+async def test_breaker_opening_and_closing_are_logged_and_its_state_is_in_metrics(chain, fake):
+    (frames,) = await run(chain, "ops-brk")
+    assert outcome(frames)["code"] == "upstream_error"
+    await wait_for(lambda: routing_lines(chain, "event=breaker_open deployment=ops-brk-1"))
+    assert 'llmproxy_breaker_state{deployment="ops-brk-1"} 2.0' in metrics_text(chain)
+    # after the 1 s cooldown the probe succeeds (the fake fails once only) and closes it
+    deadline = time.monotonic() + 10
+    while True:
+        (frames,) = await run(chain, "ops-brk")
+        if outcome(frames)["type"] == "done":
+            break
+        assert outcome(frames)["code"] == "overloaded" and time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    await wait_for(lambda: routing_lines(chain, "event=breaker_closed deployment=ops-brk-1"))
+    assert len(routing_lines(chain, "event=breaker_open deployment=ops-brk-1")) == 1
+    text_ = metrics_text(chain)
+    assert 'llmproxy_breaker_state{deployment="ops-brk-1"} 0.0' in text_
+    assert 'llmproxy_breaker_transitions_total{deployment="ops-brk-1",state="closed"} 1.0' in text_
+
+
+@pytest.mark.parametrize("case, model, cut_tag, fallback_tag, delivered, own", [
+    ("cut", "cut-cont2", "cutcont2", "contc", 40, 44),
+    ("stall", "stall-cont", "stallcont", "conts", 20, 45),
+    ("malformed", "malformed-cont", "malcont", "contm", 30, 44),
+])
+async def test_continue_mode_figures(chain, fake, case, model, cut_tag, fallback_tag, delivered, own):
+    """For the issue's closing note: frames, usage and time to the first continued token."""
+    before = counts_by_tag(fake)
+    (frames,) = await run(chain, model)
+    done = outcome(frames)
+    assert done["type"] == "done" and text(frames) == words(60)
+    kinds = [f["type"] for f in frames]
+    assert kinds.count("failover") == 1 and kinds.count("started") == 1
+    to_failover, to_first = continued_at(frames)
+    usage = done["usage"]
+    assert usage["completion_tokens"] == delivered + own
+    counts = counts_by_tag(fake) - before
+    assert (counts[cut_tag], counts[fallback_tag]) == (1, 1)
+    switch = kinds.index("failover")
+    summary = f"started, {len(text(frames[:switch]).split())} words in {switch - 1} token frames, " \
+              f"failover({frames[switch]['deployment']}), {len(text(frames[switch:]).split())} words in " \
+              f"{len(kinds) - switch - 2} token frames, done({done['finish_reason']})"
+    print(f"\ncontinue/{case}: frames: {summary}; usage {usage['prompt_tokens']}+{usage['completion_tokens']};"
+          f" attempts {done['timing']['attempts']}; last token -> failover frame {to_failover * 1000:.0f} ms,"
+          f" -> first continued token {to_first * 1000:.0f} ms")

@@ -83,8 +83,8 @@ class NodeScript:
             return None
         return json.loads(line)  # type: ignore[no-any-return]
 
-    def wait_event(self, name: str, timeout_s: float) -> None:
-        """Blocks until the script prints `{"event": name}`."""
+    def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
+        """Blocks until the script prints `{"event": name, ...}`; returns that object."""
         deadline = time.monotonic() + timeout_s
         while True:
             obj = self._next(deadline)
@@ -92,7 +92,7 @@ class NodeScript:
                 self.proc.wait(5)
                 pytest.fail(f"node {self.script} exited {self.proc.returncode} before {name!r}\n{''.join(self._stderr)}")
             if obj.get("event") == name:
-                return
+                return obj
 
     def result(self, timeout_s: float) -> dict[str, Any]:
         """The last JSON line, once the script has exited 0."""

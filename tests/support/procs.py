@@ -7,15 +7,26 @@ Each process prints one ready line with its address; we read it, keep every late
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def relay_token_file() -> str:
+    """The relay secret every test server and bridge share (one file per test run)."""
+    path = Path(tempfile.gettempdir()) / f"llmproxy-test-relay-{os.getpid()}.token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+        path.chmod(0o600)
+    return str(path)
 
 
 @dataclass
@@ -86,7 +97,14 @@ def start(name: str, args: list[str], ready: str, env: dict[str, str] | None = N
 def start_server(*extra: str, env: dict[str, str] | None = None) -> Proc:
     return start(
         "server",
-        ["server.main", "--listen", "127.0.0.1:0", *(() if "--request-log" in extra else ("--request-log", "")), *extra],
+        [
+            "server.main",
+            "--listen",
+            "127.0.0.1:0",
+            *(() if "--request-log" in extra else ("--request-log", "")),
+            *(() if "--relay-token-file" in extra else ("--relay-token-file", relay_token_file())),
+            *extra,
+        ],
         "llmproxy-server listening on ",
         env,
     )
@@ -95,7 +113,15 @@ def start_server(*extra: str, env: dict[str, str] | None = None) -> Proc:
 def start_bridge(grpc_target: str, *extra: str, port: int = 0, env: dict[str, str] | None = None) -> Proc:
     return start(
         "bridge",
-        ["bridge.main", "--port", str(port), "--grpc-target", grpc_target, *extra],
+        [
+            "bridge.main",
+            "--port",
+            str(port),
+            "--grpc-target",
+            grpc_target,
+            *(() if "--relay-token-file" in extra else ("--relay-token-file", relay_token_file())),
+            *extra,
+        ],
         "llmproxy-bridge listening on ",
         env,
     )

@@ -68,3 +68,44 @@ def test_live_window_snapshot_histograms_deployments_and_slowest():
     assert [s.stream_id for s in snap.slowest] == ["slow", "fast"]
     live.tick(62 * S, 500)
     assert live.snapshot(0, 0, 0).ended_1m == 0
+
+
+def test_routing_notes_become_counters_and_breaker_states_a_gauge():
+    from server.routing.attempts import AttemptFailed, BreakerMoved, FailingOver, Retrying, UsageParts
+
+    class FakeRouter:
+        def __init__(self):
+            self.observers = []
+            self.states = {"a": "closed", "b": "open"}
+
+        def breaker_states(self):
+            return self.states
+
+    m, router = Metrics(), FakeRouter()
+    m.watch_routing(router)
+    for note in (
+        AttemptFailed("m", "a", 1, "rate_limited", 429, False, 3, "rate limited"),
+        AttemptFailed("m", "a", 2, "rate_limited", 429, False, 3, "rate limited"),
+        Retrying("m", "a", 2, 100),
+        FailingOver("m", "a", "b", 3, 0, True),
+        BreakerMoved("a", "open"),
+        UsageParts("m", ()),
+    ):
+        for observer in router.observers:
+            observer(note)
+    text = m.exposition().decode()
+    assert 'llmproxy_upstream_attempt_failures_total{code="rate_limited",deployment="a"} 2.0' in text
+    assert 'llmproxy_upstream_retries_total{deployment="a"} 1.0' in text
+    assert 'llmproxy_upstream_failovers_total{deployment="b",from_deployment="a",kind="continuation"} 1.0' in text
+    assert 'llmproxy_breaker_transitions_total{deployment="a",state="open"} 1.0' in text
+    assert 'llmproxy_breaker_state{deployment="b"} 2.0' in text and 'llmproxy_breaker_state{deployment="a"} 0.0' in text
+    router.states["b"] = "half_open"  # read at scrape time
+    assert 'llmproxy_breaker_state{deployment="b"} 1.0' in m.exposition().decode()
+
+
+def test_a_deployment_whose_breaker_is_open_shows_without_recent_streams():
+    states = {"demo": "closed", "idle": "closed", "down": "open", "probing": "half_open"}
+    live = LiveWindow(breaker_state=states.__getitem__, breaker_states=lambda: states)
+    live.add([record("a")], 0)
+    snap = live.snapshot(0, 0, 0)
+    assert [(d.name, d.breaker, d.streams) for d in snap.deployments] == [("demo", "closed", 1), ("down", "open", 0), ("probing", "half_open", 0)]

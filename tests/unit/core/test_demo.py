@@ -5,6 +5,7 @@ import asyncio
 from server.core.events import Finished, FinishReason, TextDelta, UsageReport
 from server.core.request import ChatMessage, ChatRequest
 from server.providers.base import DeploymentInfo
+from server.providers import demo as demo_module
 from server.providers.demo import DemoBackend, DemoPace, load_corpus
 
 
@@ -47,9 +48,38 @@ def test_stop_sequence_cuts_before_it():
     assert "superposition" not in text(events)
 
 
-def test_seeded_pacing_is_deterministic():
-    b = backend(tokens_per_s=2000, jitter=0.5, seed=7)
-    assert text(run(b, seed=1)) == text(run(b, seed=1))
+def paced(monkeypatch, b, **req) -> tuple[str, list[float]]:
+    """The text of a run and the pause before each token, as the demo asked its clock for them.
+
+    The pauses are recorded, not waited (a fake clock), so the comparison is exact and fast."""
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay, result=None):
+        pauses.append(delay)
+        return await real_sleep(0, result)
+
+    monkeypatch.setattr(demo_module.asyncio, "sleep", recording_sleep)
+    try:
+        events = run(b, **req)
+    finally:
+        monkeypatch.undo()
+    return text(events), pauses
+
+
+def test_seeded_pacing_is_deterministic(monkeypatch):
+    b = backend(ttft_s=0.05, tokens_per_s=100, jitter=0.5, seed=7)
+    first_text, first_pauses = paced(monkeypatch, b, seed=1, max_tokens=50)
+    again_text, again_pauses = paced(monkeypatch, b, seed=1, max_tokens=50)
+    assert (again_text, again_pauses) == (first_text, first_pauses)
+    # The pauses are the time to first token, then one jittered interval per later token.
+    assert first_pauses[0] == 0.05 and len(first_pauses) == 50
+    assert all(0.005 <= p <= 0.015 for p in first_pauses[1:])
+    assert len(set(first_pauses[1:])) > 10, "jitter 0.5 varies the interval"
+    # Another seed paces the same text differently; no seed falls back to the server's --demo-seed.
+    other_text, other_pauses = paced(monkeypatch, b, seed=2, max_tokens=50)
+    assert other_text == first_text and other_pauses != first_pauses
+    assert paced(monkeypatch, b, max_tokens=50) == paced(monkeypatch, b, max_tokens=50) == paced(monkeypatch, b, seed=7, max_tokens=50)
 
 
 def test_demo_answers_are_capped_whatever_max_tokens_asks():

@@ -3,7 +3,7 @@
 import pytest
 
 from llmproxy.v1 import llmproxy_pb2 as pb
-from server.core.events import Failed, Finished, FinishReason, ReasoningDelta, Routed, TextDelta, ToolCallDelta, UsageReport
+from server.core.events import Attempt, Failed, Finished, FinishReason, ReasoningDelta, Routed, TextDelta, ToolCallDelta, UsageReport
 from server.core.session import CancelUpstream, Session, SessionLimits, StartUpstream
 from server.core.stream import IllegalTransition
 from server.errors import Overloaded, StreamCut
@@ -250,13 +250,26 @@ def test_continuation_after_content_sends_a_failover_frame_and_keeps_seq():
     start(s)
     routed(s)
     s.receive_event("a", TextDelta("half an "), 2 * MS)
+    s.receive_event("a", Attempt("anthropic", "claude", "backup"), 3 * MS)
     s.receive_event("a", Routed("anthropic", "claude", "backup"), 3 * MS)
     s.receive_event("a", TextDelta("answer"), 4 * MS)
     s.receive_event("a", Finished(FinishReason.STOP), 5 * MS)
     frames = s.frames_to_send()
     assert kinds(frames) == ["started", "token", "failover", "token", "done"]
     assert (frames[2].failover.seq, frames[2].failover.deployment) == (3, "backup")
-    assert frames[-1].done.deployment == "backup" and frames[-1].done.timing.attempts == 2
+    # attempts are counted by Attempt events (routed() feeds none): one here
+    assert frames[-1].done.deployment == "backup" and frames[-1].done.timing.attempts == 1
+
+
+def test_every_attempt_is_counted_and_an_error_names_the_deployment_that_failed():
+    s = make()
+    start(s)
+    s.receive_event("a", Attempt("openai", "gpt", "primary"), 1 * MS)
+    s.receive_event("a", Attempt("openai", "gpt", "backup"), 2 * MS)  # the primary never answered
+    assert s.frames_to_send() == []
+    s.receive_event("a", Failed(Overloaded("backup is overloaded")), 3 * MS)
+    (frame,) = s.frames_to_send()
+    assert frame.error.deployment == "backup" and frame.error.timing.attempts == 2
 
 
 def test_fail_all_fails_every_live_stream_cancels_upstream_and_closes():

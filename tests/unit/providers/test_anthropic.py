@@ -116,6 +116,16 @@ def test_thinking_and_unknown_events():
     assert decoder.feed(event("message_stop", {"type": "message_stop"})) == [Finished(FinishReason.LENGTH)]
 
 
+def test_message_delta_with_stop_reason_and_usage_ends_the_answer_without_message_stop():
+    decoder = ADAPTER.new_decoder()
+    decoder.feed(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}))
+    assert decoder.end() == [Finished(FinishReason.STOP)]
+    decoder = ADAPTER.new_decoder()
+    decoder.feed(event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}}))
+    with pytest.raises(StreamCut):  # no stop_reason: cut
+        decoder.end()
+
+
 def test_error_event_and_cut_and_malformed():
     decoder = ADAPTER.new_decoder()
     with pytest.raises(Overloaded):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -94,6 +96,21 @@ def test_errors_name_file_line_and_problem(tmp_path, text, line, problem):
     message = str(info.value)
     assert message.startswith(f"{path}:{line}: "), message
     assert problem in message
+
+
+@pytest.mark.parametrize(
+    ("text", "module", "problem"),
+    [
+        ("http:\n  transport: aiohttp\nmodels: {}\n", "httpx_aiohttp", "pip install 'llmproxy[aiohttp]'"),
+        ("http:\n  transport: httpx\n  http2: true\nmodels: {}\n", "h2", "pip install 'llmproxy[http2]'"),
+    ],
+)
+def test_a_transport_whose_optional_dependency_is_missing_names_the_extra(tmp_path, monkeypatch, text, module, problem):
+    # None in sys.modules is how Python itself marks a module as not importable.
+    monkeypatch.setitem(sys.modules, module, None)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_config(path, providers(), {})
 
 
 def test_missing_file_is_a_config_error(tmp_path):

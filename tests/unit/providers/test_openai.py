@@ -156,8 +156,18 @@ def test_malformed_event_and_missing_done():
     with pytest.raises(MalformedStream):
         feed('{"choices": [')
     decoder, _ = feed({"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]})
-    with pytest.raises(StreamCut):
+    with pytest.raises(StreamCut):  # a finish_reason without the usage chunk: not the end
         decoder.end()
+    decoder, _ = feed({"choices": [{"delta": {"content": "x"}}]})
+    decoder.feed(SSEEvent(json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})))
+    with pytest.raises(StreamCut):  # usage without a finish_reason: cut
+        decoder.end()
+
+
+def test_finish_reason_and_usage_without_done_is_finished():
+    decoder, _ = feed({"choices": [{"delta": {"content": "x"}, "finish_reason": "length"}]})
+    decoder.feed(SSEEvent(json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})))
+    assert decoder.end() == [Finished(FinishReason.LENGTH)]
 
 
 @pytest.mark.parametrize(
@@ -196,3 +206,11 @@ def test_configured_headers_override_the_adapters_whatever_their_case():
     http, _ = body_of(OPENAI, ChatRequest("pub", (ChatMessage("user", "hi"),)), endpoint)
     assert http.headers["authorization"] == "Bearer gateway"
     assert [name for name in http.headers if name.lower() == "authorization"] == ["authorization"]
+
+
+def test_a_context_length_error_keeps_the_providers_message_redacted():
+    body = json.dumps({"error": {"code": "context_length_exceeded", "type": "invalid_request_error",
+                                 "message": "This model's maximum context length is 128000 tokens (key sk-abcdef123456)."}}).encode()
+    error = OPENAI.classify_error(400, {}, body)
+    assert isinstance(error, ContextLengthExceeded) and error.status == 400
+    assert "maximum context length is 128000 tokens" in error.message and "sk-abcdef123456" not in error.message
