@@ -20,7 +20,7 @@ orjson, straight from the proto fields.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -290,6 +290,10 @@ def _usage(u: pb.Usage) -> dict[str, int]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens}
 
 
+def _attempts(parts: Iterable[pb.AttemptUsage]) -> list[dict[str, Any]]:
+    return [{"deployment": p.deployment, "usage": _usage(p.usage)} for p in parts]
+
+
 def _timing(t: pb.Timing) -> dict[str, float | int]:
     return {
         "ttft_ms": _ms(t.ttft_us),
@@ -337,19 +341,20 @@ def _enc_started(f: pb.ServerFrame) -> bytes:
 
 def _enc_done(f: pb.ServerFrame) -> bytes:
     d = f.done
-    return orjson.dumps(
-        {
-            "type": "done",
-            "id": d.stream_id,
-            "seq": d.seq,
-            "finish_reason": FINISH_NAMES[d.finish_reason],
-            "usage": _usage(d.usage),
-            "timing": _timing(d.timing),
-            "deployment": d.deployment,
-            "token": "",
-            "latency": _latency(d.latency_us),
-        }
-    )
+    out: dict[str, Any] = {
+        "type": "done",
+        "id": d.stream_id,
+        "seq": d.seq,
+        "finish_reason": FINISH_NAMES[d.finish_reason],
+        "usage": _usage(d.usage),
+        "timing": _timing(d.timing),
+        "deployment": d.deployment,
+        "token": "",
+        "latency": _latency(d.latency_us),
+    }
+    if len(d.attempts_usage) > 1:  # continued on another deployment: each part (their sum is usage)
+        out["attempts"] = _attempts(d.attempts_usage)
+    return orjson.dumps(out)
 
 
 def _enc_error(f: pb.ServerFrame) -> bytes:
@@ -370,6 +375,8 @@ def _enc_error(f: pb.ServerFrame) -> bytes:
         out["usage"] = _usage(e.usage)
         out["timing"] = _timing(e.timing)
         out["deployment"] = e.deployment
+        if len(e.attempts_usage) > 1:
+            out["attempts"] = _attempts(e.attempts_usage)
     return orjson.dumps(out)
 
 

@@ -35,6 +35,10 @@ from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 
 log = logging.getLogger("llmproxy.bridge.relay")
 
+# A batch is closed once its client frames reach this size: the server accepts messages up to
+# 8 MiB, and one bridge may carry many clients each sending frames of up to --max-frame-bytes.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
 
 class Link(Protocol):
     """A client connection carried by the relay."""
@@ -70,6 +74,8 @@ class RelayLink:
         self._links: dict[int, Link] = {}
         self._next_conn = 1
         self._batch = pb.RelayUp()
+        self._batch_bytes = 0  # client frames' sizes in the current batch
+        self._full: list[pb.RelayUp] = []  # batches closed at MAX_BATCH_BYTES, oldest first
         self._wake = asyncio.Event()
         self._open = False  # a call is open: entries go out on it
         self.up = False  # ... and the server accepted it (its first, empty, message arrived)
@@ -94,7 +100,12 @@ class RelayLink:
 
     def send(self, conn: int, frame: pb.ClientFrame) -> None:
         if conn in self._links:
+            size = frame.ByteSize()
+            if self._batch_bytes + size > MAX_BATCH_BYTES and self._batch.entries:
+                self._full.append(self._batch)  # stay well under the server's message limit
+                self._batch, self._batch_bytes = pb.RelayUp(), 0
             self._batch.entries.add(conn=conn, frame=frame)
+            self._batch_bytes += size
             if self._open:
                 self._wake.set()
 
@@ -145,13 +156,14 @@ class RelayLink:
         """A new call: every link opens again, then the frames queued meanwhile."""
         self._open = True
         self.calls_opened += 1
-        pending = self._batch
-        self._batch = batch = pb.RelayUp()
+        pending, self._full = [*self._full, self._batch], []
+        self._batch, self._batch_bytes = pb.RelayUp(), 0
         for conn, link in self._links.items():
-            batch.entries.add(conn=conn, open=link.reopen())
-        for entry in pending.entries:
-            if entry.WhichOneof("kind") == "frame" and entry.conn in self._links:
-                batch.entries.append(entry)
+            self._batch.entries.add(conn=conn, open=link.reopen())
+        for batch in pending:
+            for entry in batch.entries:
+                if entry.WhichOneof("kind") == "frame" and entry.conn in self._links:
+                    self.send(entry.conn, entry.frame)
         self._wake.set()
 
     def _end(self) -> None:
@@ -166,8 +178,10 @@ class RelayLink:
         while True:
             await wake.wait()
             wake.clear()
+            while self._full:
+                await call.write(self._full.pop(0))
             if self._batch.entries:
-                batch, self._batch = self._batch, pb.RelayUp()
+                batch, self._batch, self._batch_bytes = self._batch, pb.RelayUp(), 0
                 await call.write(batch)
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
@@ -185,12 +199,29 @@ class RelayLink:
                 link = links.get(entry.conn)
                 if link is None:
                     continue  # closed at this end meanwhile
-                if entry.WhichOneof("kind") == "frame":
-                    link.deliver(entry.frame)
-                    touched[link] = None
-                else:
-                    del links[entry.conn]
+                try:
+                    if entry.WhichOneof("kind") == "frame":
+                        link.deliver(entry.frame)
+                        touched[link] = None
+                    else:
+                        del links[entry.conn]
+                        touched.pop(link, None)
+                        link.ended(entry.ended.code, entry.ended.message)
+                except Exception:  # a bug of ours: that connection ends, the others go on
+                    self._broken(link)
                     touched.pop(link, None)
-                    link.ended(entry.ended.code, entry.ended.message)
             for link in touched:
-                link.flush()
+                try:
+                    link.flush()
+                except Exception:
+                    self._broken(link)
+
+    def _broken(self, link: Link) -> None:
+        log.error("a relayed connection failed with an internal error", exc_info=True)
+        for number, candidate in list(self._links.items()):
+            if candidate is link:
+                self.close(number, end_session=False)
+        try:
+            link.ended(pb.ERROR_CODE_INTERNAL, "internal error in the bridge")
+        except Exception:
+            log.error("and could not be closed cleanly", exc_info=True)

@@ -203,6 +203,7 @@ async def serve(options: Options) -> None:
     metrics.watch_routing(router)  # issue 19: routing counters and breaker states in /metrics
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
     analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
+    analytics.live.watch_routing(router)  # failed attempts, retries and failovers on the dashboard
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)

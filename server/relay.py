@@ -46,6 +46,8 @@ KICK_CODE: dict[Kick, int] = {
     Kick.SLOW_CLIENT: CODE_TO_PROTO[Code.SLOW_READER],
 }
 _CLOSE = pb.ClientFrame(close=pb.Close())
+# A batch to the bridge is closed past this size (the bridge accepts messages up to 64 MiB).
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class RelayedConnection:
@@ -121,20 +123,27 @@ class RelayCall:
             if batch is grpc.aio.EOF:
                 return
             for entry in batch.entries:
-                kind = entry.WhichOneof("kind")
-                if kind == "frame":
-                    connection = self._conns.get(entry.conn)
-                    if connection is None:
-                        continue  # ended by the server; the bridge has been told
-                    frame = entry.frame
-                    if frame.WhichOneof("kind") == "resume":
-                        self._service.resume(connection, frame.resume)
-                    else:
-                        connection.runtime.feed_frame(frame)
-                elif kind == "open":
-                    self._open(entry.conn, entry.open)
-                elif kind == "close":
-                    self._close(entry.conn, entry.close.end_session)
+                try:
+                    self._receive(entry)
+                except Exception:  # a bug of ours: that connection ends, the others go on
+                    log.error("relayed connection failed with an internal error", exc_info=True)
+                    self.end(entry.conn, CODE_TO_PROTO[Code.INTERNAL], "internal error; details are in the server log")
+
+    def _receive(self, entry: pb.RelayUpEntry) -> None:
+        kind = entry.WhichOneof("kind")
+        if kind == "frame":
+            connection = self._conns.get(entry.conn)
+            if connection is None:
+                return  # ended by the server; the bridge has been told
+            frame = entry.frame
+            if frame.WhichOneof("kind") == "resume":
+                self._service.resume(connection, frame.resume)
+            else:
+                connection.runtime.feed_frame(frame)
+        elif kind == "open":
+            self._open(entry.conn, entry.open)
+        elif kind == "close":
+            self._close(entry.conn, entry.close.end_session)
 
     def _open(self, conn: int, open_: pb.RelayOpen) -> None:
         if conn in self._conns:
@@ -193,6 +202,7 @@ class RelayCall:
             if self._dirty:
                 dirty, self._dirty = self._dirty, {}
                 now_ns = time.monotonic_ns()
+                checked = 0
                 for connection in dirty:
                     runtime = connection.runtime
                     if runtime.owner is not connection:
@@ -202,6 +212,15 @@ class RelayCall:
                         entries.add(conn=conn, frame=frame)
                     if runtime.session.has_output():
                         connection.notify()  # a replay goes out in pieces: more next turn
+                    if len(entries) - checked >= 256:  # a long backlog: stay under the bridge's limit
+                        checked = len(entries)
+                        if batch.ByteSize() > MAX_BATCH_BYTES:
+                            self.messages_written += 1
+                            self.entries_written += len(entries)
+                            await write(batch)
+                            batch = pb.RelayDown()
+                            entries = batch.entries
+                            checked = 0
             if self._ended:
                 entries.extend(self._ended)
                 self._ended = []

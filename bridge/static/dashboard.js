@@ -85,8 +85,13 @@ function render(s) {
   sparkline($("tps-spark"), history);
   histogram($("ttft-hist"), s.ttft_bounds_ms, s.ttft_counts);
   histogram($("itl-hist"), s.itl_bounds_ms, s.itl_counts);
+  // failed attempts, retries and failovers: the router's work the streams' own figures hide
+  // (a deployment whose attempts all failed over has a row with no streams of its own)
   rows($("deployments"), s.deployments, (d) => [
-    [d.name], [d.provider], [d.streams], [d.errors, d.errors ? "bad" : ""], [fmtMs(d.ttft_p50_ms)],
+    [d.name], [d.provider || "–"], [d.streams], [d.errors, d.errors ? "bad" : ""],
+    [d.streams ? fmtMs(d.ttft_p50_ms) : "–"],
+    [d.failed_attempts || 0, d.failed_attempts ? "bad" : ""], [d.retries || 0, d.retries ? "warn" : ""],
+    [d.failovers || 0, d.failovers ? "warn" : ""],
     [d.breaker || "–", d.breaker === "open" ? "bad" : d.breaker === "half_open" ? "warn" : ""],
   ]);
   rows($("slowest"), s.slowest, (r) => [

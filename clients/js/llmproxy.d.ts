@@ -73,6 +73,12 @@ export interface Usage {
   reasoning_tokens: number;
 }
 
+/** One upstream attempt's own usage (a stream continued on another deployment has several). */
+export interface AttemptUsage {
+  deployment: string;
+  usage: Usage;
+}
+
 export interface Timing {
   ttft_ms: number;
   total_ms: number;
@@ -133,6 +139,8 @@ export interface DoneFrame extends FrameBase {
   usage: Usage;
   timing: Timing;
   deployment: string;
+  /** Present when more than one attempt answered: each one's usage, in order; their sum is `usage`. */
+  attempts?: AttemptUsage[];
 }
 
 export interface ErrorFrame extends FrameBase {
@@ -147,6 +155,8 @@ export interface ErrorFrame extends FrameBase {
   usage?: Usage;
   timing?: Timing;
   deployment?: string;
+  /** As in DoneFrame, when the error ended a stream that more than one attempt answered. */
+  attempts?: AttemptUsage[];
 }
 
 export interface PongFrame extends FrameBase {

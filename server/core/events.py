@@ -93,10 +93,21 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptEnded:
+    """An upstream attempt that had answered ended (failed, or finished after an earlier attempt
+    answered): its own usage. The stream reports one entry per attempt that answered and their
+    sum as its usage; the last attempt of a stream served by one attempt needs no event (the
+    stream's own counts are that attempt's)."""
+
+    deployment: str
+    usage: UsageReport
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The stream failed; no further events follow."""
 
     error: ProxyError
 
 
-StreamEvent = ProviderEvent | Attempt | Routed | Failed
+StreamEvent = ProviderEvent | Attempt | AttemptEnded | Routed | Failed

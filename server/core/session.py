@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.events import (
     Attempt,
+    AttemptEnded,
     Failed,
     Finished,
     FinishReason,
@@ -318,6 +319,10 @@ class Session:
             stream.deployment = event.deployment
             stream.provider = event.provider
             return True
+        if cls is AttemptEnded:
+            assert isinstance(event, AttemptEnded)
+            stream.attempt_usage.append((event.deployment, event.usage))
+            return True
         self._settle(stream_id)
         if cls is ReasoningDelta or cls is ToolCallDelta:
             self.tokens_relayed += 1
@@ -347,6 +352,7 @@ class Session:
             self._emit(stream, pb.ServerFrame(tool_call=call), now_ns)
         elif cls is Routed:
             assert isinstance(event, Routed)
+            stream.answered()
             stream.deployment = event.deployment
             stream.provider = event.provider
             if stream.seq == 0:  # the first routing; a failover before content, or a restart, sends nothing
@@ -544,7 +550,7 @@ class Session:
             return
         stream.move(MODIFY)
         latency_us = (now_ns - stream.last_ns) // 1000
-        usage = self._usage(stream)
+        usage, _ = _usage(stream)
         self._abandoned_tokens += usage.completion_tokens + usage.reasoning_tokens
         request = replace(stream.request, messages=tuple(base))
         self._settle(sid)
@@ -570,22 +576,25 @@ class Session:
     def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
         self._end(stream)
         stream.seq += 1
-        timing = self._record(stream, reason.value, False, now_ns)
+        usage, parts = _usage(stream)
+        timing = self._record(stream, reason.value, False, now_ns, usage)
         done = pb.StreamDone(
             stream_id=stream.id,
             seq=stream.seq,
             finish_reason=FINISH_TO_PROTO[reason],  # type: ignore[arg-type]
-            usage=self._usage(stream),
+            usage=usage,
             timing=timing,
             deployment=stream.deployment,
             latency_us=(now_ns - stream.last_ns) // 1000,
+            attempts_usage=parts,
         )
         self._emit(stream, pb.ServerFrame(done=done), now_ns)
 
     def _fail(self, stream: Stream, error: ProxyError, now_ns: int) -> None:
         self._end(stream)
         stream.seq += 1
-        timing = self._record(stream, error.code.value, True, now_ns)
+        usage, parts = _usage(stream)
+        timing = self._record(stream, error.code.value, True, now_ns, usage)
         failure = pb.StreamError(
             stream_id=stream.id,
             seq=stream.seq,
@@ -593,10 +602,11 @@ class Session:
             message=error.message,
             retryable=error.retryable,
             retry_after_ms=int((error.retry_after_s or 0) * 1000),
-            usage=self._usage(stream),
+            usage=usage,
             timing=timing,
             deployment=stream.deployment,
             latency_us=(now_ns - stream.last_ns) // 1000,
+            attempts_usage=parts,
         )
         self._emit(stream, pb.ServerFrame(error=failure), now_ns)
 
@@ -614,23 +624,10 @@ class Session:
             )
         )
 
-    @staticmethod
-    def _usage(stream: Stream) -> pb.Usage:
-        # When the provider has not reported a completion count (a stream cancelled or cut
-        # before its usage event), count the content events relayed: a lower bound that keeps
-        # stopped answers from being billed as zero.
-        relayed = len(stream.gaps_ns) + (1 if stream.first_ns else 0)
-        return pb.Usage(
-            prompt_tokens=stream.prompt_tokens,
-            completion_tokens=stream.completion_tokens or relayed,
-            reasoning_tokens=stream.reasoning_tokens,
-        )
-
-    def _record(self, stream: Stream, status: str, failed: bool, now_ns: int) -> pb.Timing:
+    def _record(self, stream: Stream, status: str, failed: bool, now_ns: int, usage: pb.Usage) -> pb.Timing:
         """Computes the stream's timing once: the record for analytics and the proto timing."""
         t = stream.timing(now_ns, self._stall_ns)
         score = ux_score(t, failed, self._ux_target_us)
-        usage = self._usage(stream)
         self._records.append(
             StreamRecord(
                 session_id=self.id,
@@ -677,6 +674,34 @@ class _Replay:
 def _seq_of(frame: pb.ServerFrame) -> int:
     kind = frame.WhichOneof("kind")
     return getattr(frame, kind).seq  # type: ignore[no-any-return]
+
+
+def _usage(stream: Stream) -> tuple[pb.Usage, list[pb.AttemptUsage]]:
+    """The stream's usage and that of each attempt that answered (see
+    `Stream.usage_by_attempt`): the sum of the parts, or, when no attempt answered, the
+    stream's own counts (the content events relayed when there is no completion count)."""
+    parts = stream.usage_by_attempt()
+    if not parts:
+        return pb.Usage(
+            prompt_tokens=stream.prompt_tokens,
+            completion_tokens=stream.completion_tokens or stream.relayed(),
+            reasoning_tokens=stream.reasoning_tokens,
+        ), []
+    total = pb.Usage()
+    out = []
+    for deployment, u in parts:
+        total.prompt_tokens += u.prompt_tokens
+        total.completion_tokens += u.completion_tokens
+        total.reasoning_tokens += u.reasoning_tokens
+        out.append(
+            pb.AttemptUsage(
+                deployment=deployment,
+                usage=pb.Usage(
+                    prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, reasoning_tokens=u.reasoning_tokens
+                ),
+            )
+        )
+    return total, out
 
 
 def _fill(merge: tuple[pb.TokenDelta, int, Stream, int]) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.events import (
     Attempt,
+    AttemptEnded,
     Failed,
     Finished,
     ReasoningDelta,
@@ -79,8 +80,15 @@ TRANSITIONS: dict[Phase, dict[type, Phase]] = {
         ModifyRequested: Phase.PENDING,
     },
     # Routed: failover (ROUTED) or continuation elsewhere (STREAMING); Attempt: each upstream attempt
-    Phase.ROUTED: {**_LIVE_MOVES, Routed: Phase.ROUTED, Attempt: Phase.ROUTED, UsageReport: Phase.ROUTED},
-    Phase.STREAMING: {**_LIVE_MOVES, Routed: Phase.STREAMING, Attempt: Phase.STREAMING},
+    # AttemptEnded: an attempt that answered ended, the stream goes on (or ends by the next event)
+    Phase.ROUTED: {
+        **_LIVE_MOVES,
+        Routed: Phase.ROUTED,
+        Attempt: Phase.ROUTED,
+        AttemptEnded: Phase.ROUTED,
+        UsageReport: Phase.ROUTED,
+    },
+    Phase.STREAMING: {**_LIVE_MOVES, Routed: Phase.STREAMING, Attempt: Phase.STREAMING, AttemptEnded: Phase.STREAMING},
     Phase.DONE: {},
     Phase.FAILED: {},
     Phase.CANCELLED: {},
@@ -143,6 +151,9 @@ class Stream:
         "deployment",
         "provider",
         "attempts",
+        "answers",
+        "answer_from",
+        "attempt_usage",
         "relay_ns",
         "replay",
         "text_parts",
@@ -171,6 +182,9 @@ class Stream:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reasoning_tokens = 0
+        self.answers = 0  # attempts of this generation that answered (Routed events)
+        self.answer_from = 0  # content events relayed before the current attempt answered
+        self.attempt_usage: list[tuple[str, UsageReport]] = []  # AttemptEnded, in order
         self.text_parts: list[str] = []
         self.tool_calls: dict[int, list[str]] = {}  # index -> [id, name, arguments...]
 
@@ -217,6 +231,40 @@ class Stream:
             self.completion_tokens = usage.completion_tokens
         if usage.reasoning_tokens:
             self.reasoning_tokens = usage.reasoning_tokens
+
+    def answered(self) -> None:
+        """An upstream attempt answered (a Routed event): the stream's content from here on is
+        its own, until the next one."""
+        self.answers += 1
+        self.answer_from = self.relayed()
+
+    def relayed(self) -> int:
+        """Content events relayed in this generation."""
+        return len(self.gaps_ns) + (1 if self.first_ns else 0)
+
+    def usage_by_attempt(self) -> list[tuple[str, UsageReport]]:
+        """The usage of each attempt that answered, in order; their sum is the stream's usage.
+
+        The router reports an attempt's usage (`AttemptEnded`) when it fails after answering and
+        when it finishes after another attempt answered. The current attempt's part is missing
+        when it was the only one, or was cancelled, or the driver reports no parts: it is then
+        what the stream's counts add beyond the reported parts (the router's usage reports are
+        sums over the attempts) or, with no completion count of its own, the content events it
+        relayed (a lower bound that keeps a stopped answer from being billed as zero)."""
+        parts = list(self.attempt_usage)
+        if self.answers > len(parts):
+            prompt = completion = reasoning = 0
+            for _, u in parts:
+                prompt += u.prompt_tokens
+                completion += u.completion_tokens
+                reasoning += u.reasoning_tokens
+            own = UsageReport(
+                max(self.prompt_tokens - prompt, 0),
+                max(self.completion_tokens - completion, 0) or (self.relayed() - self.answer_from),
+                max(self.reasoning_tokens - reasoning, 0),
+            )
+            parts.append((self.deployment, own))
+        return parts
 
     def replay_after(self, last_seq: int) -> list[pb.ServerFrame] | None:
         """The kept frames after `last_seq`, or None when some of them were already dropped."""

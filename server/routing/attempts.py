@@ -31,7 +31,10 @@ Every attempt after the first needs a slot of the shared retry budget.
 Usage. Each attempt's usage is its provider's last report per field, and for an attempt that
 relayed content without a completion count, the number of content events it delivered (a lower
 bound). The client's usage is the sum over every attempt so far: a `UsageReport` of the sum goes
-out whenever the current attempt reports, and when an attempt that answered fails.
+out whenever the current attempt reports, and when an attempt that answered fails. Each attempt's
+own usage goes out as an `AttemptEnded` when it fails after answering, and when it finishes after
+an earlier attempt answered (so a stream served by one attempt costs no extra event); the stream
+reports them one by one next to their sum (`attempts_usage` in `done` and `error`).
 
 Operator notes. Every failed attempt, retry, failover, continuation and breaker opening or
 closing leaves one `Note` in `notes_to_emit()` (never one per token); the driver logs them and
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 
 from server.core.events import (
     Attempt,
+    AttemptEnded,
     Finished,
     ProviderEvent,
     ReasoningDelta,
@@ -483,7 +487,9 @@ class Attempts:
                 self._delivered += 1
                 out.append(TextDelta(rest))
             self._move(Move.FINISH)
-            self._end_attempt(True, now_s)
+            part = self._end_attempt(True, now_s)
+            if part is not None and len(self._parts) > 1:
+                out.append(part)
             self._note_parts()
             out.append(event)
         else:
@@ -517,8 +523,10 @@ class Attempts:
         )
         self._last_error = error
         outcome = _breaker_outcome(error)
-        self._end_attempt(outcome, now_s)
+        part = self._end_attempt(outcome, now_s)
         out: list[StreamEvent] = [self.total_usage().report()] if answered else []
+        if part is not None:
+            out.append(part)
         route = self._route  # the requested model's: its fallbacks' own settings do not apply
         fatal = not error.retryable or (
             self.continuing and (route.after_first_token is AfterFirstToken.ERROR or self._not_text > 0)
@@ -543,7 +551,9 @@ class Attempts:
         self._plan = None
         self._move(Move.CLOSE)
 
-    def _end_attempt(self, outcome: bool | None, now_s: float, keep_usage: bool = True) -> None:
+    def _end_attempt(self, outcome: bool | None, now_s: float, keep_usage: bool = True) -> AttemptEnded | None:
+        """Releases what the attempt held and keeps its usage when it answered (returned as the
+        event for the client; None when it had not answered or `keep_usage` is off)."""
         plan, permit = self._plan, self._permit
         assert plan is not None and permit is not None
         dep = plan.deployment
@@ -564,6 +574,8 @@ class Attempts:
             if not u.completion_tokens and self._received:
                 u = Usage(u.prompt_tokens, self._received, u.reasoning_tokens)
             self._parts.append((dep.name, u))
+            return AttemptEnded(dep.name, u.report())
+        return None
 
     def _release_budget(self) -> None:
         if self._holding_budget:

@@ -11,7 +11,8 @@ shared per-deployment state, the clock, the sleep, and the operator's log lines 
 What the client sees. An `Attempt` event per upstream attempt (the core counts them and names
 the deployment in an error), `Routed` when an attempt produces its first event (the started
 frame, or a failover frame when it continues an answer), then the provider events; usage is the
-sum over every attempt. Cancelling the consumer (or closing this generator) closes the upstream
+sum over every attempt, and an `AttemptEnded` carries one attempt's own usage when the stream has
+(or may get) more than one part. Cancelling the consumer (or closing this generator) closes the upstream
 request at once; the attempt then counts neither as a success nor as a failure for the breaker.
 """
 
@@ -132,6 +133,14 @@ class Router:
             for status in self.deployment_states(model):
                 if status.name == deployment:
                     return status.breaker
+        return ""
+
+    def provider_of(self, deployment: str) -> str:
+        """The provider of a configured deployment by name ("" when no model routes to it)."""
+        for model in self._catalog.names():
+            for backend in self._catalog.backends(model):
+                if backend.info.name == deployment:
+                    return backend.info.provider
         return ""
 
     def breaker_states(self) -> dict[str, str]:

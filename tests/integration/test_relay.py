@@ -231,8 +231,10 @@ async def test_one_stuck_reader_among_200_connections_does_not_slow_the_others()
             f"\n199 readers (paced 20 ms): alone p50 {alone[0]:.1f} p99 {alone[1]:.1f} ms; beside a stuck reader "
             f"p50 {beside[0]:.1f} p99 {beside[1]:.1f} ms; bridge RSS max {alone[2]} -> {beside[2]} KB"
         )
-        assert beside[0] < alone[0] * 1.2 + 2
-        assert beside[1] < alone[1] * 2 + 30  # generous: the machine is shared
+        assert beside[0] < alone[0] * 1.3 + 3
+        # A reader that held up the relay would stall everyone until it is cut (seconds); the
+        # bound is that, not the shared machine's own noise (p99 jumps of 100-200 ms seen here).
+        assert beside[1] < max(2 * alone[1], 400)
         assert beside[2] - alone[2] < 30_000  # KB: the stuck reader's backlog is bounded
         # The stuck reader is cut within the ping timeout of its socket filling up.
         deadline = time.monotonic() + 15
@@ -292,3 +294,4 @@ async def test_a_session_resumed_on_another_connection_closes_the_old_one_saying
     finally:
         bridge.stop()
         server.stop()
+

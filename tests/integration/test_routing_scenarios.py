@@ -74,6 +74,22 @@ MODELS: dict[str, tuple[list[tuple[str, float, dict | None]], dict]] = {
     "warm": ([("m@tokens=1,tag=warm", 1, None)], {}),
     "ops": ([("m@tokens=3,status=500,times=1,tag=ops", 1, None)], {"fallbacks": ["ops-b"], "retry": {**FAST_RETRY, "max_attempts": 2}}),
     "ops-b": ([("m@tokens=3,tag=opsb", 1, None)], {}),
+    # each attempt's usage in done / error: a primary cut at 40 continued on a fallback that
+    # finishes (parts-b) or is cut too (parts-e: its 30 words repeat 24 of the answer, add 6)
+    "parts": ([("m@tokens=60,cut=40,tag=parts", 1, None)],
+              {"after_first_token": "continue", "fallbacks": ["parts-b"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "parts-b": ([("m@tokens=44,offset=16,tag=partsb", 1, None)], {}),
+    "parts-cut": ([("m@tokens=60,cut=40,tag=partscut", 1, None)],
+                  {"after_first_token": "continue", "fallbacks": ["parts-e"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "parts-e": ([("m@tokens=44,offset=16,cut=30,tag=partse", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "parts-one": ([("m@tokens=60,cut=40,tag=partsone", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 1}}),
+    # the dashboard's counters: a retry on dash-1, a failover from dash-fo-1, a continuation from dash-cut-1
+    "dash": ([("m@tokens=3,status=500,times=1,tag=dash", 1, None)], {"retry": {**FAST_RETRY, "max_attempts": 2}}),
+    "dash-fo": ([("m@status=503,tag=dashfo", 1, None)], {"fallbacks": ["dash-b"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "dash-b": ([("m@tokens=3,tag=dashb", 1, None)], {}),
+    "dash-cut": ([("m@tokens=60,cut=40,tag=dashcut", 1, None)],
+                 {"after_first_token": "continue", "fallbacks": ["dash-c"], "retry": {**FAST_RETRY, "max_attempts": 1}}),
+    "dash-c": ([("m@tokens=44,offset=16,tag=dashc", 1, None)], {}),
     "ops-brk": ([("m@tokens=3,status=500,times=1,tag=opsbrk", 1, None)],
                 {"retry": {**FAST_RETRY, "max_attempts": 1}, "breaker": {"failures": 1, "cooldown_s": 1.0}}),
 }
@@ -232,6 +248,39 @@ async def test_cut_after_40_of_60_tokens_continues_without_repeating(chain, fake
     usage_line = 'gen_ai_client_token_usage_sum{gen_ai_provider_name="openai",gen_ai_request_model="cut-cont",gen_ai_token_type="output"}'
     await wait_for(lambda: usage_line in metrics_text(chain))
     assert f"{usage_line} 50.0" in metrics_text(chain)
+
+
+def part(deployment: str, prompt: int, completion: int) -> dict:
+    return {"deployment": deployment, "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "reasoning_tokens": 0}}
+
+
+async def test_the_done_of_a_continued_stream_has_the_usage_of_both_attempts(chain, fake):
+    (frames,) = await run(chain, "parts")
+    done = outcome(frames)
+    assert done["type"] == "done" and text(frames) == words(60)
+    # the cut attempt reported no usage: its 40 content events; the fallback reported its own
+    # 14 + 44 (24 of its words repeated the answer and were not shown, but were generated)
+    assert done["attempts"] == [part("parts-1", 0, 40), part("parts-b-1", 14, 44)]
+    assert (done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]) == (14, 84)
+    assert done["deployment"] == "parts-b-1" and done["timing"]["attempts"] == 2
+
+
+async def test_an_error_ending_a_continued_stream_has_the_usage_of_both_attempts(chain, fake):
+    (frames,) = await run(chain, "parts-cut")
+    error = outcome(frames)
+    assert error["type"] == "error" and error["code"] == "upstream_error", error
+    assert text(frames) == words(46)  # 40, then the 6 new of the fallback's 30
+    # neither reported usage: each counts the content events it sent
+    assert error["attempts"] == [part("parts-cut-1", 0, 40), part("parts-e-1", 0, 30)]
+    assert error["usage"]["completion_tokens"] == 70 and error["deployment"] == "parts-e-1"
+
+
+async def test_a_stream_served_by_one_attempt_lists_no_attempts(chain, fake):
+    (frames,) = await run(chain, "parts-one")  # one attempt, cut: an error with its partial usage
+    error = outcome(frames)
+    assert error["usage"]["completion_tokens"] == 40 and "attempts" not in error
+    (frames,) = await run(chain, "warm")
+    assert outcome(frames)["type"] == "done" and "attempts" not in outcome(frames)
 
 
 async def test_stall_after_20_tokens_is_a_timeout_with_partial_usage(chain, fake):
@@ -535,6 +584,67 @@ async def test_continue_mode_figures(chain, fake, case, model, cut_tag, fallback
     summary = f"started, {len(text(frames[:switch]).split())} words in {switch - 1} token frames, " \
               f"failover({frames[switch]['deployment']}), {len(text(frames[switch:]).split())} words in " \
               f"{len(kinds) - switch - 2} token frames, done({done['finish_reason']})"
+    # each attempt's own completion count, as the done frame lists them
+    assert sum(p["usage"]["completion_tokens"] for p in done["attempts"]) == usage["completion_tokens"]
+    parts = ", ".join(f"{p['deployment']} {p['usage']['completion_tokens']}" for p in done["attempts"])
     print(f"\ncontinue/{case}: frames: {summary}; usage {usage['prompt_tokens']}+{usage['completion_tokens']};"
-          f" attempts {done['timing']['attempts']}; last token -> failover frame {to_failover * 1000:.0f} ms,"
+          f" attempts {done['timing']['attempts']} ({parts}); last token -> failover frame {to_failover * 1000:.0f} ms,"
           f" -> first continued token {to_first * 1000:.0f} ms")
+
+
+async def stats_until(chain, predicate, timeout_s: float = 20.0) -> dict[str, dict]:
+    """Reads the bridge's /stats feed (the dashboard's) until `predicate(rows by deployment)`."""
+    deadline = time.monotonic() + timeout_s
+    rows: dict[str, dict] = {}
+    async with connect(chain.http_url.replace("http://", "ws://") + "/stats") as ws:
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the dashboard feed never showed it; last rows: {rows}"
+            snapshot = json.loads(await asyncio.wait_for(ws.recv(), remaining))
+            rows = {d["name"]: d for d in snapshot["deployments"]}
+            if predicate(rows):
+                return rows
+
+
+def routing_counts(row: dict | None) -> tuple[int, int, int, int]:
+    if row is None:
+        return (0, 0, 0, 0)
+    return (row["streams"], row["failed_attempts"], row["retries"], row["failovers"])
+
+
+async def test_the_dashboard_counts_failed_attempts_retries_and_failovers_per_deployment(chain, fake):
+    for model in ("dash", "dash-fo", "dash-cut"):
+        (frames,) = await run(chain, model)
+        assert outcome(frames)["type"] == "done", (model, frames[-1])
+    # (streams, failed attempts, retries, failovers) per deployment, over the last minute
+    expected = {
+        "dash-1": (1, 1, 1, 0),  # a 500, then retried on itself
+        "dash-fo-1": (0, 1, 0, 1),  # a 503, then failed over: it served no stream, and still shows
+        "dash-b-1": (1, 0, 0, 0),
+        "dash-cut-1": (0, 1, 0, 1),  # cut mid-answer, continued elsewhere
+        "dash-c-1": (1, 0, 0, 0),
+    }
+    rows = await stats_until(chain, lambda rows: all(routing_counts(rows.get(n)) == c for n, c in expected.items()))
+    assert rows["dash-fo-1"]["breaker"] == "closed"
+
+
+@pytest.mark.browser
+async def test_the_dashboard_page_shows_the_routing_columns(chain, fake):
+    from tests.support.node import run_node
+    from tests.support.procs import ROOT
+
+    for model in ("dash-fo", "dash-cut"):
+        (frames,) = await run(chain, model)
+        assert outcome(frames)["type"] == "done"
+    shot = ROOT / "tests" / "artifacts" / "dashboard-routing.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    shown = await asyncio.to_thread(run_node, ["tests/browser/dashboard_routing.mjs", chain.http_url, str(shot), "dash-fo-1"], 60)
+    header = shown["header"]
+    assert header[5:8] == ["failed attempts", "retries", "failovers"], header
+    rows = {r[0]["text"]: r for r in shown["rows"]}
+    fo = rows["dash-fo-1"]
+    assert int(fo[5]["text"]) >= 1 and fo[5]["cls"] == "bad" and int(fo[7]["text"]) >= 1 and fo[7]["cls"] == "warn"
+    assert fo[1]["text"] == "openai" and fo[2]["text"] == "0" and fo[4]["text"] == "–"  # no stream of its own, no TTFT
+    assert rows["dash-b-1"][5]["text"] == "0" and rows["dash-b-1"][5]["cls"] == ""
+    assert int(rows["dash-cut-1"][7]["text"]) >= 1
+    assert shot.stat().st_size > 10_000

@@ -109,3 +109,54 @@ def test_a_deployment_whose_breaker_is_open_shows_without_recent_streams():
     live.add([record("a")], 0)
     snap = live.snapshot(0, 0, 0)
     assert [(d.name, d.breaker, d.streams) for d in snap.deployments] == [("demo", "closed", 1), ("down", "open", 0), ("probing", "half_open", 0)]
+
+
+def test_live_window_counts_failed_attempts_retries_and_failovers_per_deployment_for_a_minute():
+    from server.routing.attempts import AttemptFailed, BreakerMoved, FailingOver, Retrying, UsageParts
+
+    class FakeRouter:
+        def __init__(self):
+            self.observers = []
+
+        def provider_of(self, name):
+            return {"primary": "openai", "backup": "anthropic"}.get(name, "")
+
+    clock = [0]
+    router = FakeRouter()
+    live = LiveWindow(breaker_state=lambda name: "open" if name == "primary" else "closed")
+    live.watch_routing(router, clock=lambda: clock[0])
+
+    def notify(*notes):
+        for note in notes:
+            for observer in router.observers:
+                observer(note)
+
+    # primary fails twice (retried once), then the request fails over to backup, which serves it
+    notify(
+        AttemptFailed("m", "primary", 1, "upstream_error", 500, False, 3, "boom"),
+        Retrying("m", "primary", 2, 20),
+        AttemptFailed("m", "primary", 2, "upstream_error", 500, False, 3, "boom"),
+        FailingOver("m", "primary", "backup", 3, 0, False),
+        BreakerMoved("primary", "open"),
+        UsageParts("m", ()),
+    )
+    live.add([record("s1", deployment="backup")], 0)
+    rows = {d.name: d for d in live.snapshot(0, 0, 0).deployments}
+    # primary has no stream of its own (it never served one) and still shows, with its breaker
+    assert (rows["primary"].streams, rows["primary"].breaker, rows["primary"].provider) == (0, "open", "openai")
+    assert (rows["primary"].failed_attempts, rows["primary"].retries, rows["primary"].failovers) == (2, 1, 1)
+    assert (rows["backup"].streams, rows["backup"].failed_attempts, rows["backup"].retries, rows["backup"].failovers) == (1, 0, 0, 0)
+    # a continuation after backup failed mid-answer counts on backup, 30 s later
+    clock[0] = 30 * S
+    notify(AttemptFailed("m", "backup", 1, "upstream_error", 0, True, 900, "cut"), FailingOver("m", "backup", "primary", 2, 0, True))
+    live.tick(30 * S, 0)
+    rows = {d.name: d for d in live.snapshot(0, 0, 0).deployments}
+    assert (rows["backup"].failed_attempts, rows["backup"].failovers) == (1, 1)
+    assert rows["primary"].failed_attempts == 2
+    # a minute after the first notes they are gone; the later ones stay
+    live.tick(61 * S, 0)
+    rows = {d.name: d for d in live.snapshot(0, 0, 0).deployments}
+    assert "primary" not in rows
+    assert (rows["backup"].streams, rows["backup"].failed_attempts, rows["backup"].failovers) == (0, 1, 1)
+    live.tick(91 * S, 0)
+    assert list(live.snapshot(0, 0, 0).deployments) == []

@@ -3,7 +3,7 @@
 import pytest
 
 from llmproxy.v1 import llmproxy_pb2 as pb
-from server.core.events import Attempt, Failed, Finished, FinishReason, ReasoningDelta, Routed, TextDelta, ToolCallDelta, UsageReport
+from server.core.events import Attempt, AttemptEnded, Failed, Finished, FinishReason, ReasoningDelta, Routed, TextDelta, ToolCallDelta, UsageReport
 from server.core.session import CancelUpstream, Session, SessionLimits, StartUpstream
 from server.core.stream import IllegalTransition
 from server.errors import Overloaded, StreamCut
@@ -270,6 +270,111 @@ def test_every_attempt_is_counted_and_an_error_names_the_deployment_that_failed(
     s.receive_event("a", Failed(Overloaded("backup is overloaded")), 3 * MS)
     (frame,) = s.frames_to_send()
     assert frame.error.deployment == "backup" and frame.error.timing.attempts == 2
+
+
+# -- the usage of each attempt (issue 19) --------------------------------------------------------
+
+
+def usage_of(frame_usage):
+    return (frame_usage.prompt_tokens, frame_usage.completion_tokens, frame_usage.reasoning_tokens)
+
+
+def parts_of(end):
+    return [(p.deployment, usage_of(p.usage)) for p in end.attempts_usage]
+
+
+def cut_on_primary(s):
+    """A stream cut on "primary" after 3 tokens, continuing on "backup", as the router feeds it:
+    the sum of the usage so far, then the failed attempt's own part."""
+    start(s)
+    s.receive_event("a", Attempt("openai", "gpt", "primary"), 1 * MS)
+    s.receive_event("a", Routed("openai", "gpt", "primary"), 1 * MS)
+    for i, word in enumerate(["one", " two", " three"]):
+        s.receive_event("a", TextDelta(word), (2 + i) * MS)
+    s.receive_event("a", UsageReport(0, 3, 0), 6 * MS)
+    s.receive_event("a", AttemptEnded("primary", UsageReport(0, 3, 0)), 6 * MS)
+    s.receive_event("a", Attempt("anthropic", "claude", "backup"), 7 * MS)
+    s.receive_event("a", Routed("anthropic", "claude", "backup"), 8 * MS)
+    s.receive_event("a", TextDelta(" four"), 9 * MS)
+    s.receive_event("a", TextDelta(" five"), 10 * MS)
+
+
+def test_a_cut_and_continued_stream_reports_both_attempts_and_their_sum():
+    s = make()
+    cut_on_primary(s)
+    s.receive_event("a", UsageReport(12, 5, 0), 11 * MS)  # the router's sum: backup's own is 12 + 2
+    s.receive_event("a", AttemptEnded("backup", UsageReport(12, 2, 0)), 11 * MS)
+    s.receive_event("a", Finished(FinishReason.STOP), 11 * MS)
+    done = s.frames_to_send()[-1].done
+    assert parts_of(done) == [("primary", (0, 3, 0)), ("backup", (12, 2, 0))]
+    assert usage_of(done.usage) == (12, 5, 0) and done.deployment == "backup"
+    assert s.records()[0].completion_tokens == 5  # the request log and metrics get the sum
+
+
+def test_the_sum_of_the_parts_is_the_usage_even_without_a_final_report():
+    # the continuation reported no usage: the router's part counts its content events, and no
+    # usage report of the sum follows it
+    s = make()
+    cut_on_primary(s)
+    s.receive_event("a", AttemptEnded("backup", UsageReport(0, 2, 0)), 11 * MS)
+    s.receive_event("a", Finished(FinishReason.STOP), 11 * MS)
+    done = s.frames_to_send()[-1].done
+    assert parts_of(done) == [("primary", (0, 3, 0)), ("backup", (0, 2, 0))]
+    assert usage_of(done.usage) == (0, 5, 0)
+
+
+def test_a_continuation_cancelled_before_its_usage_counts_the_tokens_it_relayed():
+    s = make()
+    cut_on_primary(s)
+    s.receive_frame(pb.ClientFrame(cancel=pb.CancelStream(stream_id="a")), 11 * MS)
+    done = s.frames_to_send()[-1].done
+    assert done.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert parts_of(done) == [("primary", (0, 3, 0)), ("backup", (0, 2, 0))]
+    assert usage_of(done.usage) == (0, 5, 0)
+
+
+def test_a_failed_continuation_ends_with_an_error_that_has_both_parts():
+    s = make()
+    cut_on_primary(s)
+    s.receive_event("a", UsageReport(0, 5, 0), 11 * MS)
+    s.receive_event("a", AttemptEnded("backup", UsageReport(0, 2, 0)), 11 * MS)
+    s.receive_event("a", Failed(StreamCut("cut again")), 11 * MS)
+    error = s.frames_to_send()[-1].error
+    assert error.seq > 0 and error.deployment == "backup"
+    assert parts_of(error) == [("primary", (0, 3, 0)), ("backup", (0, 2, 0))]
+    assert usage_of(error.usage) == (0, 5, 0)
+
+
+def test_a_stream_served_by_one_attempt_has_one_part_equal_to_its_usage():
+    s = make()
+    start(s)
+    routed(s)
+    s.receive_event("a", TextDelta("x"), 2 * MS)
+    s.receive_event("a", UsageReport(4, 1, 0), 3 * MS)
+    s.receive_event("a", Finished(FinishReason.STOP), 3 * MS)
+    done = s.frames_to_send()[-1].done
+    assert parts_of(done) == [("demo", (4, 1, 0))] and usage_of(done.usage) == (4, 1, 0)
+
+
+def test_a_stream_that_never_answered_has_no_parts():
+    s = make()
+    start(s)
+    s.receive_event("a", Attempt("openai", "gpt", "primary"), 1 * MS)
+    s.receive_event("a", Failed(Overloaded("busy")), 2 * MS)
+    error = s.frames_to_send()[-1].error
+    assert list(error.attempts_usage) == [] and usage_of(error.usage) == (0, 0, 0)
+
+
+def test_a_modify_starts_the_parts_over():
+    s = make()
+    cut_on_primary(s)
+    s.receive_frame(pb.ClientFrame(modify=pb.Modify(stream_id="a", append=[pb.ChatMessage(role="user", content="shorter")])), 11 * MS)
+    s.receive_event("a", Attempt("openai", "gpt", "primary"), 12 * MS)
+    s.receive_event("a", Routed("openai", "gpt", "primary"), 12 * MS)
+    s.receive_event("a", TextDelta("ok"), 13 * MS)
+    s.receive_event("a", Finished(FinishReason.STOP), 14 * MS)
+    done = s.frames_to_send()[-1].done
+    assert parts_of(done) == [("primary", (0, 1, 0))] and usage_of(done.usage) == (0, 1, 0)
 
 
 def test_fail_all_fails_every_live_stream_cancels_upstream_and_closes():

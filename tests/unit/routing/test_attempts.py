@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from server.core.events import Attempt, Finished, FinishReason, Routed, TextDelta, ToolCallDelta, UsageReport
+from server.core.events import Attempt, AttemptEnded, Finished, FinishReason, Routed, TextDelta, ToolCallDelta, UsageReport
 from server.core.request import ChatMessage, ChatRequest
 from server.errors import (
     ContextLengthExceeded,
@@ -135,12 +135,14 @@ def test_a_cut_then_continued_answer_reports_the_usage_of_both_attempts():
     send(a, 0.0)
     feed(a, [TextDelta(t) for t in words(40)], 0.1)
     out = a.end_of_stream(0.2)  # cut without a usage report: its 40 content events count
-    assert out == [UsageReport(0, 40, 0)] and a.phase is Phase.IDLE
+    assert out == [UsageReport(0, 40, 0), AttemptEnded("a", UsageReport(0, 40, 0))] and a.phase is Phase.IDLE
     p, _ = send(a, 0.2)
     assert p.deployment.name == "b"
     out = feed(a, [TextDelta(t) for t in words(10, offset=40)] + [UsageReport(60, 10)], 0.3)
     assert out[-1] == UsageReport(60, 50, 0)  # the sum: the continuation's own 10 plus 40
-    feed(a, [Finished(FinishReason.STOP)], 0.4)
+    out = feed(a, [Finished(FinishReason.STOP)], 0.4)
+    # each part for the client, the continuation's before the finish
+    assert out == [AttemptEnded("b", UsageReport(60, 10, 0)), Finished(FinishReason.STOP)]
     notes = a.notes_to_emit()
     parts = [n for n in notes if isinstance(n, UsageParts)]
     assert parts == [UsageParts("m", (("a", Usage(0, 40, 0)), ("b", Usage(60, 10, 0))))]
@@ -152,7 +154,7 @@ def test_in_error_mode_a_cut_reports_its_partial_usage_and_fails():
     a = w.attempts("m")
     send(a, 0.0)
     feed(a, [TextDelta(t) for t in words(40)], 0.1)
-    assert a.end_of_stream(0.2) == [UsageReport(0, 40, 0)]
+    assert a.end_of_stream(0.2) == [UsageReport(0, 40, 0), AttemptEnded("a", UsageReport(0, 40, 0))]
     assert a.phase is Phase.FAILED and isinstance(a.error, StreamCut)
 
 
