@@ -122,6 +122,9 @@ async def grpc_frames(call, until: Callable[[pb.ServerFrame], bool], timeout_s: 
 @pytest.mark.parametrize("copies, why", [(60_000, "at most"), (50, "twice")])
 async def test_a_resume_naming_one_stream_many_times_is_refused_and_freezes_nobody(proxy, keys, copies, why):
     metadata = grpc_auth(keys["attacker"])
+    # Built before the canary starts: making 60,000 entries costs the test's own loop (where the
+    # canary reads) tens of milliseconds, which is not the server's doing.
+    hostile = pb.ClientFrame(resume=pb.Resume(streams=[pb.StreamPosition(stream_id="v", last_seq=0)] * copies))
 
     async def attack() -> None:
         async with grpc.aio.insecure_channel(proxy.grpc_target) as channel:
@@ -133,8 +136,8 @@ async def test_a_resume_naming_one_stream_many_times_is_refused_and_freezes_nobo
             session = frames[0].session
             victim.cancel()
             call = stub.Stream(metadata=metadata)
-            await call.write(pb.ClientFrame(resume=pb.Resume(session_id=session.session_id, resume_token=session.resume_token,
-                                                             streams=[pb.StreamPosition(stream_id="v", last_seq=0)] * copies)))
+            hostile.resume.session_id, hostile.resume.resume_token = session.session_id, session.resume_token
+            await call.write(hostile)
             got = await grpc_frames(call, lambda f: f.WhichOneof("kind") == "error")
             err = got[-1].error
             assert err.code == pb.ERROR_CODE_INVALID_REQUEST and err.seq == 0 and why in err.message, err
@@ -155,14 +158,17 @@ async def test_a_prompt_of_megabytes_to_the_demo_freezes_nobody(proxy, keys):
     """A client-chosen size that multiplied work in one loop turn: the demo tokenized the whole
     prompt to count it (0.67 s for 8 MB) and scanned it all for keywords."""
 
+    text = "quantum words and more words. " * 33_000  # ~1M characters
+    messages = [pb.ChatMessage(role="user", content=text[:1_000_000])] * 8
+    # Built before the canary starts (copying 8 MB into protos is the test's own work).
+    starts = [pb.ClientFrame(start=pb.StartStream(stream_id=f"big{i}", model="demo", messages=messages, conversation=f"c{i}",
+                                                  params=pb.GenerationParams(max_tokens=2))) for i in range(2)]
+
     async def attack() -> None:
         async with grpc.aio.insecure_channel(proxy.grpc_target, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
             call = pb_grpc.LLMProxyStub(channel).Stream(metadata=grpc_auth(keys["attacker"]))
-            text = "quantum words and more words. " * 33_000  # ~1M characters
-            messages = [pb.ChatMessage(role="user", content=text[:1_000_000])] * 8
-            for i in range(2):
-                await call.write(pb.ClientFrame(start=pb.StartStream(stream_id=f"big{i}", model="demo", messages=messages, conversation=f"c{i}",
-                                                                     params=pb.GenerationParams(max_tokens=2))))
+            for frame in starts:
+                await call.write(frame)
             got = await grpc_frames(call, lambda f: f.WhichOneof("kind") == "done" and f.done.stream_id == "big1", 30)
             assert sum(f.WhichOneof("kind") == "done" for f in got) == 2
             call.cancel()
