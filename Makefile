@@ -9,6 +9,7 @@ PROTOS := $(wildcard protos/llmproxy/v1/*.proto)
 GRPC_ADDR ?= 127.0.0.1:50051
 BRIDGE_HOST ?= 127.0.0.1
 BRIDGE_PORT ?= 8765
+HTTP_PORT ?= 8766
 METRICS_ADDR ?= 127.0.0.1:9464
 APT_PACKAGES := chromium redis-server
 NPM_DIR := clients/js
@@ -107,16 +108,18 @@ ALLOWED_ORIGINS ?=
 $(RELAY_TOKEN):
 	@mkdir -p $(dir $@) && umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
 
-## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream).
+## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream, and the
+## OpenAI/Anthropic-compatible HTTP APIs and SSE on http://127.0.0.1:8766, docs/http-apis.md).
 run: install $(RELAY_TOKEN)
 	@set -u; \
 	$(PY) -m server.main --listen $(GRPC_ADDR) --metrics-listen $(METRICS_ADDR) --relay-token-file $(RELAY_TOKEN) & srv=$$!; \
-	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
+	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --http-port $(HTTP_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
 	    $(foreach o,$(ALLOWED_ORIGINS),--allowed-origin $(o)) & brg=$$!; \
 	trap 'kill -TERM $$srv $$brg 2>/dev/null; wait $$srv $$brg' INT TERM; \
 	echo "llmproxy: gRPC   $(GRPC_ADDR)  (grpcurl -plaintext $(GRPC_ADDR) list)"; \
 	echo "llmproxy: stream ws://$(BRIDGE_HOST):$(BRIDGE_PORT)/stream"; \
 	echo "llmproxy: chat   http://$(BRIDGE_HOST):$(BRIDGE_PORT)/   dashboard http://$(BRIDGE_HOST):$(BRIDGE_PORT)/dashboard.html"; \
+	echo "llmproxy: HTTP APIs http://$(BRIDGE_HOST):$(HTTP_PORT)/v1  (OpenAI, Anthropic base URL: docs/http-apis.md)"; \
 	echo "llmproxy: metrics http://$(METRICS_ADDR)/metrics"; \
 	echo "llmproxy: Ctrl-C stops both"; \
 	wait -n $$srv $$brg; kill -TERM $$srv $$brg 2>/dev/null; wait

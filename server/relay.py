@@ -46,6 +46,18 @@ KICK_CODE: dict[Kick, int] = {
     Kick.SLOW_CLIENT: CODE_TO_PROTO[Code.SLOW_READER],
 }
 _CLOSE = pb.ClientFrame(close=pb.Close())
+# The client APIs a bridge may name in `RelayOpen.api` (analytics labels: a fixed set, so a
+# bridge cannot grow the metrics without bound); anything else is counted as "other".
+KNOWN_APIS = frozenset({"websocket", "sse", "openai.chat_completions", "openai.responses", "anthropic.messages"})
+
+
+def api_label(api: str) -> str:
+    """The analytics label of a relayed connection's `RelayOpen.api`."""
+    if not api:
+        return "websocket"
+    return api if api in KNOWN_APIS else "other"
+
+
 # A batch to the bridge is closed past this size (the bridge accepts messages up to 64 MiB).
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
@@ -151,7 +163,7 @@ class RelayCall:
             return
         try:
             principal = self._service.authenticate_credential(open_.credential)
-            runtime = self._service.open_session(principal.key_id if principal else "")
+            runtime = self._service.open_session(principal.key_id if principal else "", api_label(open_.api))
         except ProxyError as exc:
             self._refuse(conn, exc)
             return

@@ -291,10 +291,10 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             self._runtimes.pop(runtime.session.id, None)
             self._forget(runtime.session)
 
-    def open_session(self, owner: str) -> SessionRuntime:
-        """A fresh session of `owner` (an API key id, "" without keys), not yet attached.
-        Raises `TooManySessions`."""
-        session = self._registry.create(time.monotonic_ns(), owner)
+    def open_session(self, owner: str, api: str = "grpc") -> SessionRuntime:
+        """A fresh session of `owner` (an API key id, "" without keys), not yet attached, that
+        came in through `api` (for analytics). Raises `TooManySessions`."""
+        session = self._registry.create(time.monotonic_ns(), owner, api)
         runtime = SessionRuntime(session, self._router)
         self._runtimes[session.id] = runtime
         return runtime

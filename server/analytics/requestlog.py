@@ -22,9 +22,10 @@ _COLUMNS = (
     "deployment TEXT NOT NULL, status TEXT NOT NULL, failed INTEGER NOT NULL, ttft_us INTEGER, total_us INTEGER, "
     "tokens INTEGER, tokens_per_s REAL, itl_p50_us INTEGER, itl_p95_us INTEGER, itl_p99_us INTEGER, "
     "itl_max_us INTEGER, stalls INTEGER, relay_p50_us INTEGER, relay_max_us INTEGER, attempts INTEGER, "
-    "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER, client TEXT NOT NULL DEFAULT ''"
+    "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER, client TEXT NOT NULL DEFAULT '', "
+    "api TEXT NOT NULL DEFAULT ''"
 )
-GROUPS = {"model": "model", "deployment": "deployment", "provider": "provider", "client": "client"}
+GROUPS = {"model": "model", "deployment": "deployment", "provider": "provider", "client": "client", "api": "api"}
 
 
 class RequestLog:
@@ -38,6 +39,8 @@ class RequestLog:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(streams)")}
         if "client" not in columns:  # a log written before per-client rows
             self._db.execute("ALTER TABLE streams ADD COLUMN client TEXT NOT NULL DEFAULT ''")
+        if "api" not in columns:  # a log written before per-API rows
+            self._db.execute("ALTER TABLE streams ADD COLUMN api TEXT NOT NULL DEFAULT ''")
         self._db.execute("CREATE INDEX IF NOT EXISTS streams_ended ON streams (ended_ms)")
         self._last_prune_ms = 0
 
@@ -50,12 +53,13 @@ class RequestLog:
                 r.timing.itl_p50_us, r.timing.itl_p95_us, r.timing.itl_p99_us, r.timing.itl_max_us,
                 r.timing.stalls, r.timing.relay_p50_us, r.timing.relay_max_us, r.timing.attempts,
                 r.ux_score, r.prompt_tokens, r.completion_tokens, r.reasoning_tokens, r.client or "anonymous",
+                r.api,
             )
             for r in records
         ]
         with self._lock:
             if rows:
-                self._db.executemany(f"INSERT INTO streams VALUES ({', '.join('?' * 24)})", rows)
+                self._db.executemany(f"INSERT INTO streams VALUES ({', '.join('?' * 25)})", rows)
             if now_ms - self._last_prune_ms > 60_000:
                 self._db.execute("DELETE FROM streams WHERE ended_ms < ?", (now_ms - self._retention_ms,))
                 self._last_prune_ms = now_ms

@@ -48,7 +48,7 @@ class SessionRegistry:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def create(self, now_ns: int, owner: str = "") -> Session:
+    def create(self, now_ns: int, owner: str = "", api: str = "") -> Session:
         """A fresh, attached session of `owner` (an API key id, "" without auth). Raises
         `TooManySessions` when none can be evicted."""
         if len(self._sessions) >= self._max_sessions:
@@ -66,6 +66,7 @@ class SessionRegistry:
             now_ns,
             resume_grace_ms=self._grace_ns // 1_000_000,
             owner=owner,
+            api=api,
         )
         self._sessions[session.id] = session
         return session

@@ -100,6 +100,7 @@ class StreamRecord:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    api: str = ""  # the client API the session came in through ("grpc", "websocket", "openai.chat_completions", ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +128,12 @@ class Session:
         now_ns: int,
         resume_grace_ms: int = 30_000,
         owner: str = "",
+        api: str = "",
     ) -> None:
         self.id = session_id
         self.token = resume_token
         self.owner = owner  # the API key id the session belongs to ("" without auth)
+        self.api = api  # the client API it came in through, for analytics only
         self._limits = limits
         self._known_models = known_models
         self._wall_time_ns = wall_time_ns
@@ -643,6 +646,7 @@ class Session:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
+                api=self.api,
             )
         )
         return pb.Timing(
