@@ -30,7 +30,7 @@ from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy
 from server.auth.store import KeyStore
-from server.config import ConfigError, ServerConfig, build_catalog
+from server.config import DEMO_MODES, ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
 from server.routing import Router
@@ -39,6 +39,7 @@ from server.service import LLMProxyServicer, ServiceSettings
 
 log = logging.getLogger("llmproxy.server")
 
+HANDSHAKE_TIMEOUT_MS = 5_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMProxy"].full_name
 RELAY_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Relay"].full_name
 
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--demo-tokens-per-s", type=float, default=40.0, help="demo pace; 0 = unpaced")
     parser.add_argument("--demo-jitter", type=float, default=0.3, help="demo relative jitter per gap")
     parser.add_argument("--demo-seed", type=int, default=0)
+    parser.add_argument("--demo", choices=DEMO_MODES, default="on", help="built-in demo models: on (keys must name them), off, all-keys")
     parser.add_argument("--max-streams", type=int, default=32, help="concurrent streams per call")
     parser.add_argument("--shutdown-grace-s", type=float, default=5.0)
     parser.add_argument("--resume-grace-s", type=float, default=30.0, help="streams outlive a dropped connection this long")
@@ -105,6 +107,7 @@ def parse_args(argv: list[str] | None) -> Options:
         limits=SessionLimits(max_streams=args.max_streams),
         shutdown_grace_s=args.shutdown_grace_s,
         config_path=args.config,
+        demo=args.demo,
     )
     service = ServiceSettings(
         limits=replace(config.limits, heartbeat_interval_s=args.heartbeat_interval_s, stall_threshold_s=args.stall_threshold_s),
@@ -159,6 +162,9 @@ def server_options(min_ping_interval_ms: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        # A connection that has not completed its HTTP/2 preface (and TLS) by then is closed
+        # (the default held silent connections for about a minute).
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ]
 
 
@@ -205,7 +211,7 @@ async def serve(options: Options) -> None:
     if options.otlp_endpoint:
         analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
-    auth = AuthPolicy(key_store) if key_store is not None else None
+    auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
     if options.metrics_listen:
         from prometheus_client import start_http_server
@@ -241,6 +247,8 @@ async def serve(options: Options) -> None:
     jobs.start("expire-sessions", servicer.expire_sessions)
     jobs.start("keep-alive", servicer.keep_alive)
     jobs.start("report", servicer.report)
+    if auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
+        jobs.start("revocations", lambda: auth.watch(servicer.cancel_key_streams))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -222,6 +222,8 @@ class RelayCall:
                     conn = connection.conn
                     for frame in runtime.session.frames_to_send(now_ns):
                         entries.add(conn=conn, frame=frame)
+                    if runtime.session.has_output():
+                        connection.notify()  # a replay goes out in pieces: more next turn
                     if len(entries) - checked >= 256:  # a long backlog: stay under the bridge's limit
                         checked = len(entries)
                         if batch.ByteSize() > MAX_BATCH_BYTES:

@@ -33,13 +33,15 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
-from server.auth.policy import AuthPolicy, Principal
+from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
+from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
+from server.auth.tenancy import tenant_view, watching
 from server.catalog import Catalog
-from server.core.events import Attempt, Failed, StreamEvent
+from server.core.events import Attempt, Failed, Routed, StreamEvent
 from server.core.registry import SessionRegistry
 from server.core.session import CancelUpstream, Session, StartUpstream, StreamRecord
 from server.core.session_limits import SessionLimits
-from server.errors import InternalError, ProxyError, StreamCut
+from server.errors import InternalError, ProxyError, StreamCut, Unauthenticated
 from server.routing import Router
 from server.tracing import TraceContext, Tracer, traceparent_of
 
@@ -85,14 +87,15 @@ class SessionRuntime:
         self.trace_parent: TraceContext | None = None  # the client's traceparent, if it sent one
         self._upstreams: dict[str, asyncio.Task[None]] = {}
         self.owner: Attachment | None = None
-        # The key's models and limits, checked before a start reaches the session (auth on).
-        self.admit: Callable[[pb.StartStream], ProxyError | None] | None = None
+        # The key's models and limits, checked before a start or modify reaches the session
+        # (auth on): each is a new provider request (server/auth/admission.py).
+        self.admit: Callable[[pb.ClientFrame], ProxyError | None] | None = None
 
     def feed_frame(self, frame: pb.ClientFrame) -> None:
-        if self.admit is not None and frame.WhichOneof("kind") == "start":
-            refused = self.admit(frame.start)
+        if self.admit is not None and frame.WhichOneof("kind") in ADMITTED:
+            refused = self.admit(frame)
             if refused is not None:  # an error with seq 0, before any upstream call
-                self.session.reject(frame.start.stream_id, refused)
+                self.session.reject(stream_id_of(frame), refused)
                 self.wake()
                 return
         self.session.receive_frame(frame, time.monotonic_ns())
@@ -100,6 +103,9 @@ class SessionRuntime:
 
     def feed_event(self, stream_id: str, event: StreamEvent) -> bool:
         """Feeds one event of a live stream; returns whether the stream is still live."""
+        if self.admit is not None and type(event) is Routed and self.session.has_content(stream_id):
+            refused = self.admit(continuation(stream_id))  # a continuation is a provider request too
+            event = event if refused is None else Failed(refused)
         live = self.session.receive_event(stream_id, event, time.monotonic_ns())
         owner = self.owner
         if owner is not None:
@@ -237,6 +243,8 @@ class Connection:
                 for frame in frames:
                     await write(frame)
                 self.write_since_ns = 0
+                if session.has_output():
+                    self.notify()  # a replay goes out in pieces (Session.frames_to_send)
             if not self._reading and session.live_streams == 0 and not session.has_output():
                 return
 
@@ -367,6 +375,14 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             self._analytics.tick(now, active, len(self._registry), tokens + self._tokens_gone)
             await self._analytics.flush()
 
+    def cancel_key_streams(self, key_id: str) -> None:
+        """The key was revoked with --cancel-streams: its sessions end, their streams fail."""
+        now = time.monotonic_ns()
+        for runtime in list(self._runtimes.values()):
+            if runtime.session.owner == key_id:
+                runtime.session.fail_all(Unauthenticated(REVOKED_MESSAGE), now)
+                runtime.apply()
+
     def _forget(self, session: Session) -> None:
         """A session leaves the server: keep its last records and its token count."""
         self._analytics.add(self._charged(session), time.monotonic_ns())
@@ -375,8 +391,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def _charged(self, session: Session) -> list[StreamRecord]:
         """Takes the session's ended-stream records, counting their tokens against its key."""
         records = session.records()
-        if self._auth is not None and records:
-            self._auth.charge(session.owner, sum(r.completion_tokens + r.reasoning_tokens for r in records))
+        abandoned = session.take_abandoned_tokens()  # generations that a modify replaced
+        if self._auth is not None and (records or abandoned):
+            self._auth.charge(session.owner, abandoned + sum(r.completion_tokens + r.reasoning_tokens for r in records))
         return records
 
     # -- authentication --------------------------------------------------------------------------
@@ -404,25 +421,18 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if principal is not None:
             assert self._auth is not None
             self._auth.open_connection(principal)
-            runtime.admit = self._admission(principal)
+            runtime.admit = self._admission(principal, runtime.session)
 
     def release_connection(self, principal: Principal | None) -> None:
         if principal is not None:
             assert self._auth is not None
             self._auth.close_connection(principal)
 
-    def _admission(self, principal: Principal) -> Callable[[pb.StartStream], ProxyError | None]:
-        """The per-start check of one key: its models, rates, budget and live streams."""
+    def _admission(self, principal: Principal, session: Session) -> Callable[[pb.ClientFrame], ProxyError | None]:
+        """The per-request check of one key: revocation, models, rates, budget, live streams."""
         auth = self._auth
         assert auth is not None
-
-        def admit(start: pb.StartStream) -> ProxyError | None:
-            live = 0
-            if principal.limits.concurrency:
-                live = sum(r.session.live_streams for r in self._runtimes.values() if r.session.owner == principal.key_id)
-            return auth.admit(principal, start.model, live)
-
-        return admit
+        return Admission(auth, principal, session, self._runtimes)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
@@ -451,7 +461,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             await _refuse_stream(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
         if principal is not None:
-            runtime.admit = self._admission(principal)
+            runtime.admit = self._admission(principal, runtime.session)
         runtime.trace_parent = traceparent_of(context.invocation_metadata())
         connection = Connection(self, runtime, context)
         runtime.owner = connection
@@ -469,7 +479,8 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         return session.summary(time.monotonic_ns())
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        await self._authenticate(context)  # with keys configured, any valid key may read aggregates
+        principal = await self._authenticate(context)  # a key reads its own rows; an admin key all
+        tenant = principal.tenant() if principal is not None else None
         log_ = self._analytics.request_log
         group_by = request.group_by or "model"
         if group_by not in GROUPS:
@@ -477,22 +488,22 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if log_ is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the request log is off (server --request-log)")
         assert log_ is not None
-        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by)
+        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by, None, tenant)
         return pb.StatsResponse(rows=[pb.StatsRow(**row) for row in rows])  # type: ignore[arg-type]
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext) -> None:
-        await self._authenticate(context)
+        principal = await self._authenticate(context)
         interval_s = max(200, request.interval_ms or 1000) / 1000
-        while True:
-            await context.write(self._analytics.snapshot())
-            await asyncio.sleep(interval_s)
+        async with watching(self._auth, principal, context):  # counts as one of the key's connections
+            while True:
+                await context.write(self._analytics.snapshot(tenant_view(principal, self._runtimes.values())))
+                await asyncio.sleep(interval_s)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         principal = await self._authenticate(context)
-        allowed = principal.limits.models if principal is not None else frozenset()
         models = []
         for name in self._catalog.names():
-            if allowed and name not in allowed:
+            if principal is not None and self._auth is not None and not self._auth.may_use(principal, name):
                 continue
             deployments = [
                 pb.DeploymentInfo(

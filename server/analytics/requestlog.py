@@ -64,15 +64,19 @@ class RequestLog:
                 self._db.execute("DELETE FROM streams WHERE ended_ms < ?", (now_ms - self._retention_ms,))
                 self._last_prune_ms = now_ms
 
-    def stats(self, window_s: int, group_by: str = "model", now_ms: int | None = None) -> list[dict[str, float | int | str]]:
-        """Aggregates per group over the window. Raises KeyError for an unknown group."""
+    def stats(
+        self, window_s: int, group_by: str = "model", now_ms: int | None = None, client: str | None = None
+    ) -> list[dict[str, float | int | str]]:
+        """Aggregates per group over the window, of one client's streams when `client` is given
+        (a tenant sees only its own). Raises KeyError for an unknown group."""
         column = GROUPS[group_by]
         since = (now_ms or int(time.time() * 1000)) - window_s * 1000
+        only = "" if client is None else " AND client = ?"
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens "
-                "FROM streams WHERE ended_ms >= ? ORDER BY 1",
-                (since,),
+                f"FROM streams WHERE ended_ms >= ?{only} ORDER BY 1",
+                (since,) if client is None else (since, client),
             ).fetchall()
         groups: dict[str, list[tuple[int, str, int, int, int, float, int]]] = {}
         for name, *rest in rows:

@@ -60,5 +60,10 @@ class Analytics:
         except Exception:
             log.error("request log write failed; %d rows dropped", len(batch), exc_info=True)
 
-    def snapshot(self) -> pb.StatsSnapshot:
-        return self.live.snapshot(int(time.time() * 1000), self.active_streams, self.sessions)
+    def snapshot(self, tenant: tuple[str, int, int] | None = None) -> pb.StatsSnapshot:
+        """Every tenant's picture, or with `tenant` = (client, its live streams, its sessions)
+        that client's own."""
+        if tenant is None:
+            return self.live.snapshot(int(time.time() * 1000), self.active_streams, self.sessions)
+        client, active, sessions = tenant
+        return self.live.snapshot(int(time.time() * 1000), active, sessions, client=client)

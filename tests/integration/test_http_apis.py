@@ -71,7 +71,7 @@ def chain(fake, keys, tmp_path_factory):
     path = tmp_path_factory.mktemp("http") / "llmproxy.yaml"
     path.write_text("\n".join(lines) + "\n")
     proxy = start_proxy(
-        ("--config", str(path), "--auth-db", keys["db"], "--heartbeat-interval-s", "0.3",
+        ("--config", str(path), "--auth-db", keys["db"], "--demo", "all-keys", "--heartbeat-interval-s", "0.3",
          "--request-log", str(path.parent / "requests.sqlite3")),
         ("--http-port", "0"),
         {"HTTP_TEST_KEY": "sk-upstream-0123456789abcdef"},
