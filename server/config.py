@@ -404,8 +404,8 @@ class _Parser:
             raise self.error(fields["http2"], "http2 needs transport: httpx")
         ca_file = self.string(fields["ca_file"]) if "ca_file" in fields else None
         if ca_file is not None:
-            if transport != "native":
-                raise self.error(fields["ca_file"], "ca_file needs transport: native")
+            if transport == "httpx":
+                raise self.error(fields["ca_file"], "ca_file needs transport: native or aiohttp")
             if not Path(ca_file).is_file():
                 raise self.error(fields["ca_file"], f"no such CA file: {ca_file}")
         name: TransportName = "native" if transport == "native" else "aiohttp" if transport == "aiohttp" else "httpx"

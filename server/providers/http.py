@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 from urllib.parse import quote, urlsplit
 
+import aiohttp
 import certifi
 import httpx
 
@@ -66,9 +67,9 @@ TransportName = Literal["native", "aiohttp", "httpx"]
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """How the pool talks HTTP. `transport`: "native" (our HTTP/1.1 client, h1pool.py, fastest
-    here), "aiohttp" (httpx's API over aiohttp) or "httpx" (httpx's own stack; `http2` needs the
-    `h2` package). `ca_file`: a CA bundle to trust instead of the system's (native only)."""
+    """How the pool talks HTTP. `transport`: "native" (our HTTP/1.1 client, h1pool.py), "aiohttp"
+    (aiohttp's own `ClientSession`) or "httpx" (httpx's own stack; `http2` needs the `h2`
+    package). `ca_file`: a CA bundle to trust instead of certifi's (native and aiohttp)."""
 
     transport: TransportName = "native"
     http2: bool = False
@@ -163,6 +164,76 @@ def _target_and_host(url: str) -> tuple[bytes, bytes]:
     return target.encode("ascii"), host.encode("ascii") if host.isascii() else host.encode("idna")
 
 
+class _AiohttpExchange:
+    __slots__ = ("_response", "_content")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self._content = response.content
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._content.readany()
+        except aiohttp.ClientError as exc:
+            raise BodyLost(f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        # An unread body cannot be skipped on HTTP/1.1: close the connection (the provider
+        # sees the disconnect) unless the body was read to its end.
+        if self._content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class _AiohttpUpstream:
+    """aiohttp's own API (`ClientSession`), no httpx in between. The session is made on first
+    use, inside the running loop. aiohttp retries a request on a reused connection only for
+    idempotent methods (client.py `IDEMPOTENT_METHODS`), so a POST is never sent twice."""
+
+    def __init__(self, settings: HttpSettings, ssl_context: ssl.SSLContext | None) -> None:
+        self._settings = settings
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.max_connections, limit_per_host=0, keepalive_timeout=s.keepalive_expiry_s, ssl=self._ssl if self._ssl is not None else True
+        )
+        # trust_env off: the upstream is exactly the configured URL (proxies: native only).
+        return aiohttp.ClientSession(connector=connector, trust_env=False, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
+
+    async def open(self, request: UpstreamRequest, timeout: httpx.Timeout) -> Exchange:
+        session = self._session
+        if session is None:
+            session = self._session = self._new_session()
+        # `connect` covers waiting for a pooled connection and connecting; `sock_connect` the
+        # TCP (and TLS) connect alone. Body deadlines are the driver's.
+        limits = aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect, sock_read=None)
+        try:
+            response = await session.request(
+                request.method, request.url, headers=request.headers, data=request.content, timeout=limits, allow_redirects=False
+            )
+        except TimeoutError as exc:  # aiohttp's connect timeouts subclass it
+            raise Unreachable(f"connect timed out ({type(exc).__name__})", timed_out=True) from None
+        except aiohttp.ClientError as exc:
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+        return _AiohttpExchange(response)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class _HttpxExchange:
     __slots__ = ("_response", "_chunks")
 
@@ -199,11 +270,7 @@ class _HttpxUpstream:
         try:
             return _HttpxExchange(await self._client.send(http_request, stream=True))
         except httpx.TransportError as exc:
-            cause = exc.__cause__
-            # httpx-aiohttp maps several aiohttp connection errors to ConnectTimeout; only a
-            # real timeout (or httpx's own) is reported as one.
-            timed_out = isinstance(exc, httpx.TimeoutException) and (isinstance(cause, TimeoutError) or not isinstance(cause, OSError))
-            raise Unreachable(type(exc).__name__, timed_out=timed_out) from None
+            raise Unreachable(f"{type(exc).__name__}: {exc}", timed_out=isinstance(exc, httpx.TimeoutException)) from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -232,26 +299,23 @@ class ClientPool:
 
     def _new_upstream(self, url: httpx.URL) -> Upstream:
         s = self._settings
-        if s.transport == "native":
+        if s.transport in ("native", "aiohttp"):
             if url.scheme not in ("http", "https"):
                 raise ValueError(f"unsupported URL scheme {url.scheme!r}")
-            port = url.port or (443 if url.scheme == "https" else 80)
             if self._ssl is None and url.scheme == "https":
                 self._ssl = ssl.create_default_context(cafile=s.ca_file or certifi.where())
                 self._ssl.set_alpn_protocols(["http/1.1"])
+        if s.transport == "aiohttp":
+            return _AiohttpUpstream(s, self._ssl)
+        if s.transport == "native":
+            port = url.port or (443 if url.scheme == "https" else 80)
             return _NativeUpstream(OriginPool(url.scheme, url.host, port, self._ssl, s.max_connections, s.keepalive_expiry_s))
         limits = httpx.Limits(
             max_connections=s.max_connections,
             max_keepalive_connections=s.max_connections,
             keepalive_expiry=s.keepalive_expiry_s,
         )
-        transport: httpx.AsyncBaseTransport
-        if s.transport == "aiohttp":
-            from httpx_aiohttp import AiohttpTransport
-
-            transport = AiohttpTransport(limits=limits, trust_env=False)
-        else:
-            transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False)
+        transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False)
         # trust_env off: the upstream is exactly the configured URL, never an environment proxy.
         return _HttpxUpstream(httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False))
 

@@ -82,6 +82,7 @@ async def test_catalog_with_config_serves_config_and_demo(tmp_path):
         ("http:\n  transport: curl\nmodels: {}\n", 2, "transport must be native, aiohttp or httpx"),
         ("http:\n  ca_file: /nonexistent/ca.pem\nmodels: {}\n", 2, "no such CA file"),
         ("http:\n  transport: aiohttp\n  http2: true\nmodels: {}\n", 3, "http2 needs transport: httpx"),
+        ("http:\n  transport: httpx\n  ca_file: /etc/hostname\nmodels: {}\n", 3, "ca_file needs transport: native or aiohttp"),
         ("models:\n  m:\n    provider: openai\n    key: env:K\n    headers: {\"X Org\": a}\n", 5, "not a valid HTTP token"),
         ("models:\n  m:\n    provider: openai\n    key: env:K\n    headers: {X-Org: \"a\\nb\"}\n", 5, "printable latin-1"),
         ("models:\n  m:\n    provider: openai\n    key: env:K\n    headers: {X-Org: \"\u20ac\"}\n", 5, "printable latin-1"),
