@@ -17,12 +17,15 @@ with a `ConfigError` naming the file, the line and the problem.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -43,6 +46,8 @@ from server.routing.policy import (
 )
 
 BUILTIN_MODELS = ("demo", "demo-fast")
+
+log = logging.getLogger("llmproxy.config")
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -108,6 +113,14 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
         configured = {spec.model for spec in specs}
         specs += [s for s in well_known_deployments(registry, env) if s.model not in configured]
     for spec in specs:
+        if spec.endpoint.key is not None and (host := plain_http_host(spec.endpoint.base_url)):
+            # RFC 9110 4.2.1: http:// is readable by every hop on the way; a key is a bill.
+            log.warning(
+                "deployment %s sends its provider key over plain http:// to %s, a host that is not loopback: "
+                "anyone on the path can read it; use https://",
+                spec.info.name,
+                host,
+            )
         backend = registry[spec.info.provider].build(spec.info, spec.endpoint, ctx)
         models.setdefault(spec.model, []).append(backend)
     for public, route in proxy.routes.items():
@@ -115,6 +128,23 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
             if fallback not in models:
                 raise ConfigError(f"{config.config_path}: model {public!r} falls back to {fallback!r}, which is not served")
     return RoutingCatalog(models, proxy.routes, proxy.budget, proxy.default_route)
+
+
+def plain_http_host(base_url: str) -> str:
+    """The host of an `http://` URL whose host is not loopback (localhost, 127.0.0.0/8, ::1), or
+    "" (https://, or loopback, where nothing leaves the machine)."""
+    parts = urlsplit(base_url)
+    if parts.scheme.lower() != "http":
+        return ""
+    host = (parts.hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 6.3
+        return ""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return ""
+    except ValueError:
+        pass  # a name
+    return host
 
 
 def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, str]) -> list[DeploymentSpec]:

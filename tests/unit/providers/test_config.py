@@ -106,3 +106,36 @@ def test_secret_is_redacted_everywhere():
     key = Secret("sk-very-secret")
     assert "sk-very-secret" not in repr(key) + str(key) + f"{key}" + repr([key])
     assert key.reveal() == "sk-very-secret"
+
+
+async def test_a_key_over_plain_http_to_a_remote_host_is_warned_about_at_start(tmp_path, caplog):
+    path = write(tmp_path, """
+        models:
+          remote:
+            provider: openai-compatible
+            base_url: http://10.1.2.3:8000/v1
+            key: env:K
+          named:
+            provider: openai-compatible
+            base_url: http://llm.internal.example/v1
+            key: env:K
+          local:
+            - {provider: openai-compatible, base_url: "http://127.0.0.1:8000/v1", key: env:K}
+            - {provider: openai-compatible, base_url: "http://localhost:8000/v1", key: env:K}
+            - {provider: openai-compatible, base_url: "http://[::1]:8000/v1", key: env:K}
+          tls:
+            provider: openai-compatible
+            base_url: https://10.1.2.3/v1
+            key: env:K
+          keyless:
+            provider: openai-compatible
+            base_url: http://10.9.9.9/v1
+    """)
+    caplog.set_level("WARNING", logger="llmproxy.config")
+    catalog = build_catalog(ServerConfig(config_path=path), environ={"K": "sk-secret-value"})
+    await catalog.aclose()
+    warned = [r.getMessage() for r in caplog.records if "plain http://" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "remote#1" in warned[0] and "10.1.2.3" in warned[0]
+    assert "named#1" in warned[1] and "llm.internal.example" in warned[1]
+    assert all("sk-secret-value" not in m for m in warned)
