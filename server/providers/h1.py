@@ -12,6 +12,15 @@ Why our own: a token of a streamed answer is one small chunk per socket read. Th
 httpx over aiohttp, each cost 40-50 us of CPU in layers of async generators, and opening each
 request about 800 us; this reader costs a few microseconds a chunk (see docs/configuration.md).
 
+What it refuses (ProtocolError, the connection is then unusable): a header name that is not an
+RFC 9110 token, a value holding NUL, CR, LF, VT or FF, a folded line; a response with both
+Transfer-Encoding and Content-Length (RFC 9112 6.1: "ought to be handled as an error", the
+request-smuggling pattern), `chunked` anywhere but last, or applied twice, a transfer coding it
+cannot undo, and conflicting Content-Lengths. Transfer codings under `chunked` (`gzip, chunked`)
+are listed in `ResponseHead.transfer_codings` for the driver to undo, like a Content-Encoding.
+Every accepted response is read as h11 reads it: tests/unit/providers/test_h1_differential.py
+feeds both generated responses, split anywhere.
+
 Phases of one message, in a table (h11 style): the head, then one of the body framings, then
 done. Inside a chunked body the reader moves between a chunk's size line, its data, the CRLF
 after the data, and the trailer section; a chunk that is whole in the buffer (the usual case)
@@ -28,6 +37,11 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
 # A chunk's size line (RFC 9112 7.1): hex digits, then optional whitespace and extensions.
 _CHUNK_LINE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+# A header line (RFC 9110 5.1, 5.5; RFC 9112 5): a token, a colon, optional whitespace, a value
+# without NUL, CR, LF (nor VT and FF, as h11), optional whitespace.
+_HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n\x0b\x0c]*?)[ \t]*")
+# The transfer codings the driver can undo under `chunked` (RFC 9112 7: gzip, x-gzip, deflate).
+DECODABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
 
 
 class ProtocolError(Exception):
@@ -60,11 +74,14 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
-    """The status line and headers; names lowercased, values as sent (latin-1 bytes)."""
+    """The status line and headers; names lowercased, values as sent (latin-1 bytes).
+    `transfer_codings`: the codings applied under the message framing, in the order the sender
+    applied them (lowercase; `chunked` left out), for the reader of the body to undo."""
 
     status: int
     reason: str
     headers: tuple[tuple[bytes, bytes], ...]
+    transfer_codings: tuple[bytes, ...] = ()
 
     def get(self, name: bytes) -> bytes | None:
         """The last value of header `name` (lowercase), or None."""
@@ -190,25 +207,35 @@ class ResponseReader:
             raise ProtocolError("not an HTTP/1.1 status line")
         status = int(code)
         headers = []
+        match = _HEADER_LINE.fullmatch
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
-                raise ProtocolError("a malformed header line")
-            headers.append((name.lower(), value.strip(b" \t")))
+            field = match(line)
+            if field is None:
+                raise ProtocolError(f"a malformed header line: {line[:60]!r}")
+            headers.append((field[1].lower(), field[2]))
         if 100 <= status < 200:
             if status == 101:
                 raise ProtocolError("an unexpected protocol switch")
             return  # interim (100 Continue, 103 Early Hints): the real head follows
-        head = ResponseHead(status, reason.decode("latin-1"), tuple(headers))
-        self.head = head
-        connection = {t.strip().lower() for v in _all(head, b"connection") for t in v.split(b",")}
+        connection = {t.strip().lower() for v in _values(headers, b"connection") for t in v.split(b",")}
         self.keep_alive = b"close" not in connection if version == b"HTTP/1.1" else b"keep-alive" in connection
-        codings = [t.strip().lower() for v in _all(head, b"transfer-encoding") for t in v.split(b",") if t.strip()]
-        lengths = {v.strip() for v in _all(head, b"content-length")}
+        codings = [t.strip().lower() for v in _values(headers, b"transfer-encoding") for t in v.split(b",") if t.strip()]
+        lengths = {v.strip() for v in _values(headers, b"content-length")}
+        if codings and lengths:
+            raise ProtocolError("a response with both Transfer-Encoding and Content-Length")
+        chunked = bool(codings) and codings[-1] == b"chunked"
+        under = codings[:-1] if chunked else codings
+        for coding in under:
+            if coding == b"chunked":
+                raise ProtocolError("chunked is not the last transfer coding, or is applied twice")
+            if coding not in DECODABLE_CODINGS and coding != b"identity":
+                raise ProtocolError(f"an unsupported transfer coding: {coding.decode('latin-1')!r}")
+        head = ResponseHead(status, reason.decode("latin-1"), tuple(headers), tuple(c for c in under if c != b"identity"))
+        self.head = head
         if self._no_body or status in (204, 304):
             self._move(Phase.DONE)
         elif codings:
-            if codings[-1] != b"chunked":  # RFC 9112 6.3: the length is unknown, read until close
+            if not chunked:  # RFC 9112 6.3: the length is unknown, read until close
                 self.keep_alive = False
                 self._move(Phase.UNTIL_CLOSE)
             else:
@@ -282,5 +309,5 @@ class ResponseReader:
         self._buf = data[pos:] if pos < end else b""
 
 
-def _all(head: ResponseHead, name: bytes) -> list[bytes]:
-    return [value for key, value in head.headers if key == name]
+def _values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key == name]
