@@ -37,7 +37,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -50,7 +50,8 @@ from server.core.request import ChatRequest
 from server.errors import StreamCut, UpstreamError, UpstreamServerError, UpstreamTimeout
 from server.providers.adapter import Adapter, Endpoint, UpstreamRequest
 from server.providers.base import DeploymentInfo
-from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
+from server.providers.egress import EgressProxies, ProxyEndpoint
+from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable, describe_failure
 from server.providers.sse import SSEDecoder
 
 log = logging.getLogger("llmproxy.providers")
@@ -76,6 +77,7 @@ class HttpSettings:
     max_connections: int = 1000
     keepalive_expiry_s: float = 30.0
     ca_file: str | None = None
+    proxies: EgressProxies = field(default_factory=EgressProxies)  # from the environment, egress.py
 
 
 class Exchange(Protocol):
@@ -198,10 +200,12 @@ class _AiohttpUpstream:
     use, inside the running loop. aiohttp retries a request on a reused connection only for
     idempotent methods (client.py `IDEMPOTENT_METHODS`), so a POST is never sent twice."""
 
-    def __init__(self, settings: HttpSettings, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, settings: HttpSettings, ssl_context: ssl.SSLContext | None, proxy: ProxyEndpoint | None) -> None:
         self._settings = settings
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._proxy = proxy.url if proxy is not None else None
+        self._proxy_headers = {"Proxy-Authorization": proxy.authorization} if proxy is not None and proxy.authorization else None
 
     def _new_session(self) -> aiohttp.ClientSession:
         s = self._settings
@@ -220,12 +224,23 @@ class _AiohttpUpstream:
         limits = aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect, sock_read=None)
         try:
             response = await session.request(
-                request.method, request.url, headers=request.headers, data=request.content, timeout=limits, allow_redirects=False
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.content,
+                timeout=limits,
+                allow_redirects=False,
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
             )
         except TimeoutError as exc:  # aiohttp's connect timeouts subclass it
             raise Unreachable(f"connect timed out ({type(exc).__name__})", timed_out=True) from None
+        except aiohttp.ClientConnectorError as exc:  # connect, TLS, name resolution
+            raise Unreachable(describe_failure(exc.os_error), detail=str(exc)) from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise Unreachable(f"the proxy {self._proxy} refused the tunnel: {exc.status} {exc.message}") from None
         except aiohttp.ClientError as exc:
-            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+            raise Unreachable(type(exc).__name__, detail=str(exc)) from None
         return _AiohttpExchange(response)
 
     async def aclose(self) -> None:
@@ -270,10 +285,24 @@ class _HttpxUpstream:
         try:
             return _HttpxExchange(await self._client.send(http_request, stream=True))
         except httpx.TransportError as exc:
-            raise Unreachable(f"{type(exc).__name__}: {exc}", timed_out=isinstance(exc, httpx.TimeoutException)) from None
+            cause = _os_error_under(exc)
+            reason = describe_failure(cause) if cause is not None else type(exc).__name__
+            raise Unreachable(reason, timed_out=isinstance(exc, httpx.TimeoutException), detail=str(exc)) from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The OSError (ssl errors included) a library's exception wraps, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class ClientPool:
@@ -305,18 +334,22 @@ class ClientPool:
             if self._ssl is None and url.scheme == "https":
                 self._ssl = ssl.create_default_context(cafile=s.ca_file or certifi.where())
                 self._ssl.set_alpn_protocols(["http/1.1"])
+        port = url.port or (443 if url.scheme == "https" else 80)
+        proxy = s.proxies.proxy_for(url.scheme, url.host, port)
+        if proxy is not None:
+            log.info("requests to %s://%s:%d go through the proxy %s", url.scheme, url.host, port, proxy.url)
         if s.transport == "aiohttp":
-            return _AiohttpUpstream(s, self._ssl)
+            return _AiohttpUpstream(s, self._ssl, proxy)
         if s.transport == "native":
-            port = url.port or (443 if url.scheme == "https" else 80)
-            return _NativeUpstream(OriginPool(url.scheme, url.host, port, self._ssl, s.max_connections, s.keepalive_expiry_s))
+            return _NativeUpstream(OriginPool(url.scheme, url.host, port, self._ssl, s.max_connections, s.keepalive_expiry_s, proxy))
         limits = httpx.Limits(
             max_connections=s.max_connections,
             max_keepalive_connections=s.max_connections,
             keepalive_expiry=s.keepalive_expiry_s,
         )
-        transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False)
-        # trust_env off: the upstream is exactly the configured URL, never an environment proxy.
+        httpx_proxy = httpx.Proxy(proxy.url, headers={"Proxy-Authorization": proxy.authorization} if proxy.authorization else None) if proxy else None
+        transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False, proxy=httpx_proxy)
+        # trust_env off: the proxies are egress.py's, read once from the environment at start-up.
         return _HttpxUpstream(httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False))
 
     async def aclose(self) -> None:
@@ -494,10 +527,13 @@ class HttpBackend:
             deadline.done_waiting()
 
     def _unreachable(self, exc: Unreachable) -> UpstreamError:
+        """The typed error for a request that got no response head; the reason is logged (with
+        the full detail) and kept in the message (its safe part: no addresses, no keys)."""
         name = self._adapter.name
+        log.warning("deployment %s: could not reach %s: %s%s", self._info.name, name, exc, f" ({exc.detail})" if exc.detail else "")
         if exc.timed_out:
-            return UpstreamTimeout(f"could not connect to {name} in time")
-        return UpstreamServerError(f"could not reach {name}")
+            return UpstreamTimeout(f"could not connect to {name} in time: {exc}")
+        return UpstreamServerError(f"could not reach {name}: {exc}")
 
     def _timed_out(self, got_token: bool) -> UpstreamTimeout:
         t = self._endpoint.timeouts
