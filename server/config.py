@@ -9,7 +9,8 @@ The built-in `demo` provider is always served (models `demo`, paced like a real 
   `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`), when there is no config file or it sets
   `well_known: true`.
 
-Keys are read once here, from `env:NAME` or `file:/path` references, into `Secret`s. Base URLs
+The egress proxy comes from the environment too (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`; see
+server/providers/egress.py). Keys are read once here, from `env:NAME` or `file:/path` references, into `Secret`s. Base URLs
 come from this file only: no client field reaches them. A mistake in the file stops the start
 with a `ConfigError` naming the file, the line and the problem.
 """
@@ -22,7 +23,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ from server.core.session import SessionLimits
 from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import Backend, DeploymentInfo
 from server.providers.demo import DemoBackend, DemoPace, load_corpus
+from server.providers.egress import EgressProxies, ProxyConfigError
 from server.providers.http import ClientPool, HttpSettings, TransportName
 from server.providers.registry import BuildContext, Provider, providers
 from server.routing.policy import (
@@ -107,7 +109,11 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
             )
         ],
     }
-    ctx = BuildContext(ClientPool(proxy.http), config.demo_pace, corpus)
+    try:
+        proxies = EgressProxies.from_env(env)  # HTTPS_PROXY, HTTP_PROXY, NO_PROXY
+    except ProxyConfigError as exc:
+        raise ConfigError(f"the environment: {exc}") from None
+    ctx = BuildContext(ClientPool(replace(proxy.http, proxies=proxies)), config.demo_pace, corpus)
     specs = list(proxy.deployments)
     if proxy.well_known:
         configured = {spec.model for spec in specs}

@@ -1,5 +1,6 @@
 """Each upstream transport over real sockets, beyond the provider cases of test_provider_driver.py:
-the aiohttp transport is aiohttp's own API (no httpx in between) and trusts `ca_file`."""
+the aiohttp transport is aiohttp's own API (no httpx in between) and trusts `ca_file`; every
+transport honours the egress proxy of the environment (a tiny forward proxy on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from server.core.events import Finished, TextDelta
 from server.core.request import ChatMessage, ChatRequest
 from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import DeploymentInfo
+from server.errors import UpstreamServerError
+from server.providers.egress import EgressProxies
 from server.providers.http import ClientPool, HttpBackend, HttpSettings
 from server.providers.registry import providers
 from tests.fakes.base import FakeServer
 from tests.fakes.openai import OpenAIFake
 from tests.support.certs import self_signed
+from tests.support.forward_proxy import ForwardProxy
 from tests.support.procs import ROOT
 
 FAST = Timeouts(connect_s=2.0, first_token_s=5.0, stall_s=5.0)
@@ -76,3 +80,82 @@ async def test_the_aiohttp_transport_trusts_ca_file(cert):
         assert finished and text.startswith(TEXT)
     finally:
         await pool.aclose()
+
+
+# -- egress proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream_cert(tmp_path_factory):
+    return tuple(map(str, self_signed(tmp_path_factory.mktemp("egress-tls"), "upstream.test", ("upstream.test",))))
+
+
+def pool_with(transport: str, env: dict[str, str], ca_file: str | None = None) -> ClientPool:
+    return ClientPool(HttpSettings(transport=transport, ca_file=ca_file, proxies=EgressProxies.from_env(env)))  # type: ignore[arg-type]
+
+
+def fake_port(fake: FakeServer) -> int:
+    return int(fake.url.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp"])
+async def test_https_goes_through_a_connect_tunnel_of_the_egress_proxy(transport, upstream_cert):
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(*upstream_cert)
+    async with FakeServer(OpenAIFake(), ssl_context=server_ctx) as fake:
+        async with ForwardProxy({"upstream.test:443": ("127.0.0.1", fake_port(fake))}, auth=BASIC) as proxy:
+            env = {"HTTPS_PROXY": proxy.url.replace("http://", "http://bob:s3cret@")}
+            pool = pool_with(transport, env, ca_file=upstream_cert[0])
+            try:
+                b = openai_backend("https://upstream.test", pool)
+                for _ in range(2):  # "upstream.test" resolves only inside the proxy
+                    text, finished = await collect(b)
+                    assert finished and text.startswith(TEXT)
+            finally:
+                await pool.aclose()
+    assert proxy.heads[0].startswith(b"CONNECT upstream.test:443 HTTP/1.1\r\n")
+    assert b"\r\nproxy-authorization: " + BASIC.lower().encode() + b"\r\n" in proxy.heads[0].lower()
+    assert len(proxy.heads) == 1 and fake.connections == 1  # one tunnel, kept alive for both
+    assert len(fake.requests) == 2
+
+
+BASIC = "Basic Ym9iOnMzY3JldA=="  # bob:s3cret
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+async def test_http_goes_to_the_egress_proxy_in_absolute_form(transport):
+    async with FakeServer(OpenAIFake()) as fake:
+        async with ForwardProxy({"upstream.test:80": ("127.0.0.1", fake_port(fake))}) as proxy:
+            pool = pool_with(transport, {"HTTP_PROXY": proxy.url})
+            try:
+                text, finished = await collect(openai_backend("http://upstream.test", pool))
+            finally:
+                await pool.aclose()
+    assert finished and text.startswith(TEXT)
+    line = proxy.heads[0].split(b"\r\n")[0]
+    assert line.startswith(b"POST http://upstream.test") and line.endswith(b"/v1/chat/completions HTTP/1.1")
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp"])
+async def test_a_tunnel_the_proxy_refuses_is_a_typed_error_with_the_reason(transport, upstream_cert, caplog):
+    async with ForwardProxy({}, auth=BASIC) as proxy:
+        pool = pool_with(transport, {"HTTPS_PROXY": proxy.url}, ca_file=upstream_cert[0])
+        try:
+            with pytest.raises(UpstreamServerError) as info:
+                await collect(openai_backend("https://upstream.test", pool))
+        finally:
+            await pool.aclose()
+    assert str(info.value) == f"could not reach openai: the proxy {proxy.url} refused the tunnel: 407 Proxy Authentication Required"
+    assert any("refused the tunnel: 407" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+async def test_a_loopback_upstream_and_no_proxy_bypass_the_egress_proxy(transport):
+    async with FakeServer(OpenAIFake()) as fake:
+        async with ForwardProxy({}) as proxy:
+            pool = pool_with(transport, {"HTTP_PROXY": proxy.url, "NO_PROXY": "upstream.test"})
+            try:
+                text, finished = await collect(openai_backend(fake.url, pool))
+            finally:
+                await pool.aclose()
+    assert finished and text.startswith(TEXT) and proxy.heads == []
