@@ -37,6 +37,8 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
 # A chunk's size line (RFC 9112 7.1): hex digits, then optional whitespace and extensions.
 _CHUNK_LINE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+# The status line (RFC 9112 4): the reason phrase without NUL, CR, LF, VT or FF (as h11).
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([^\x00\r\n\x0b\x0c]*))?")
 # A header line (RFC 9110 5.1, 5.5; RFC 9112 5): a token, a colon, optional whitespace, a value
 # without NUL, CR, LF (nor VT and FF, as h11), optional whitespace.
 _HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n\x0b\x0c]*?)[ \t]*")
@@ -201,11 +203,10 @@ class ResponseReader:
 
     def _parse_head(self, raw: bytes) -> None:
         lines = raw.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        status_line = _STATUS_LINE.fullmatch(lines[0])
+        if status_line is None:
             raise ProtocolError("not an HTTP/1.1 status line")
-        status = int(code)
+        version, status, reason = status_line[1], int(status_line[2]), status_line[3] or b""
         headers = []
         match = _HEADER_LINE.fullmatch
         for line in lines[1:]:
@@ -230,6 +231,8 @@ class ResponseReader:
                 raise ProtocolError("chunked is not the last transfer coding, or is applied twice")
             if coding not in DECODABLE_CODINGS and coding != b"identity":
                 raise ProtocolError(f"an unsupported transfer coding: {coding.decode('latin-1')!r}")
+        if lengths and (len(lengths) != 1 or not next(iter(lengths)).isdigit()):
+            raise ProtocolError("an invalid Content-Length")  # checked even where no body follows
         head = ResponseHead(status, reason.decode("latin-1"), tuple(headers), tuple(c for c in under if c != b"identity"))
         self.head = head
         if self._no_body or status in (204, 304):
@@ -241,9 +244,7 @@ class ResponseReader:
             else:
                 self._move(Phase.CHUNK_SIZE)
         elif lengths:
-            if len(lengths) != 1 or not (length := lengths.pop()).isdigit():
-                raise ProtocolError("an invalid Content-Length")
-            self._left = int(length)
+            self._left = int(lengths.pop())
             self._move(Phase.LENGTH if self._left else Phase.DONE)
         else:
             self.keep_alive = False
@@ -305,7 +306,9 @@ class ResponseReader:
                     if pos < end:
                         raise ProtocolError("bytes after the end of the response")
                     return
-                pos = eol + 2  # a trailer field: not used
+                if _HEADER_LINE.fullmatch(data, pos, eol) is None:
+                    raise ProtocolError("a malformed trailer line")
+                pos = eol + 2  # a trailer field: checked, not used
         self._buf = data[pos:] if pos < end else b""
 
 

@@ -139,6 +139,9 @@ def test_broken_framing_is_a_protocol_error(raw):
         b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: a\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: a\x0bb\r\nContent-Length: 0\r\n\r\n",
+        # found by the differential test against h11: a CR in the reason, a malformed trailer
+        b"HTTP/1.1 200 \r\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n:0:!!\r\n\r\n",
     ],
 )
 def test_heads_that_are_refused(raw):
