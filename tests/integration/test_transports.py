@@ -4,6 +4,7 @@ transport honours the egress proxy of the environment (a tiny forward proxy on 1
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from server.core.events import Finished, TextDelta
 from server.core.request import ChatMessage, ChatRequest
 from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import DeploymentInfo
-from server.errors import UpstreamServerError
+from server.errors import EventTooLarge, UpstreamServerError
 from server.providers.egress import EgressProxies
 from server.providers.http import ClientPool, HttpBackend, HttpSettings
 from server.providers.registry import providers
@@ -159,3 +160,39 @@ async def test_a_loopback_upstream_and_no_proxy_bypass_the_egress_proxy(transpor
             finally:
                 await pool.aclose()
     assert finished and text.startswith(TEXT) and proxy.heads == []
+
+
+# -- whatever the transport: an event-stream line that never ends ----------------------------------
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+async def test_a_line_that_never_ends_is_a_typed_error_not_unbounded_memory(transport):
+    # 64 KiB chunks of one `data:` line, without end, until the client goes away: the SSE
+    # decoder's line cap (8 MiB) ends the stream with EventTooLarge.
+    sent = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"data: " + b"x" * (64 * 1024 - 6)
+        try:
+            while sent < 64 * 1024 * 1024:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+                await writer.drain()
+                piece = b"x" * (64 * 1024)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = ClientPool(HttpSettings(transport=transport))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(EventTooLarge, match="line over 8388608 bytes"):
+            await collect(openai_backend(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", pool))
+    finally:
+        await pool.aclose()
+        server.close()
+    assert sent < 16 * 1024 * 1024
