@@ -204,6 +204,7 @@ class _AiohttpUpstream:
         self._settings = settings
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._proxy = proxy.url if proxy is not None else None
         self._proxy_headers = {"Proxy-Authorization": proxy.authorization} if proxy is not None and proxy.authorization else None
 
@@ -220,13 +221,19 @@ class _AiohttpUpstream:
         if session is None:
             session = self._session = self._new_session()
         # `connect` covers waiting for a pooled connection and connecting; `sock_connect` the
-        # TCP (and TLS) connect alone. Body deadlines are the driver's.
-        limits = aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect, sock_read=None)
+        # TCP (and TLS) connect alone. Body deadlines are the driver's. One object per deadline pair.
+        key = (timeout.pool, timeout.connect)
+        limits = self._timeouts.get(key)
+        if limits is None:
+            limits = self._timeouts[key] = aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect, sock_read=None)
+        headers = request.headers
+        if "accept-encoding" not in headers:  # as the native transport: SSE is not worth compressing
+            headers = {**headers, "accept-encoding": "identity"}
         try:
             response = await session.request(
                 request.method,
                 request.url,
-                headers=request.headers,
+                headers=headers,
                 data=request.content,
                 timeout=limits,
                 allow_redirects=False,

@@ -79,6 +79,7 @@ async def test_the_aiohttp_transport_trusts_ca_file(cert):
         async with FakeServer(OpenAIFake(), ssl_context=server_ctx) as fake:
             text, finished = await collect(openai_backend(fake.url, pool))
         assert finished and text.startswith(TEXT)
+        assert fake.last_request.headers["accept-encoding"] == "identity"  # as native: SSE uncompressed
     finally:
         await pool.aclose()
 
