@@ -35,6 +35,7 @@ is aborted and its slot released.
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 import ssl
@@ -441,6 +442,6 @@ def describe_failure(exc: BaseException) -> str:
         return f"TLS handshake failed: {exc.reason or type(exc).__name__}"
     if isinstance(exc, socket.gaierror):
         return f"name resolution failed: {exc.strerror or type(exc).__name__}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"connect failed: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno:  # asyncio's own strerror holds the address
+        return f"connect failed: {os.strerror(exc.errno)}"
     return f"connect failed: {type(exc).__name__}"

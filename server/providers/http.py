@@ -294,22 +294,33 @@ class _HttpxUpstream:
         except httpx.TransportError as exc:
             cause = _os_error_under(exc)
             reason = describe_failure(cause) if cause is not None else type(exc).__name__
-            raise Unreachable(reason, timed_out=isinstance(exc, httpx.TimeoutException), detail=str(exc)) from None
+            detail = str(exc) if cause is None or str(cause) == str(exc) else f"{exc}: {cause}"
+            raise Unreachable(reason, timed_out=isinstance(exc, httpx.TimeoutException), detail=detail) from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
 def _os_error_under(exc: BaseException) -> OSError | None:
-    """The OSError (ssl errors included) a library's exception wraps, if any."""
+    """The OSError (ssl errors included) a library's exception wraps, if any: the first with an
+    errno (or an ssl error), looking through causes, contexts and exception groups (anyio
+    wraps its connect attempts in one)."""
     seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError):
-            return cause
+    todo: list[BaseException] = [exc]
+    found: OSError | None = None
+    while todo:
+        cause = todo.pop(0)
+        if id(cause) in seen:
+            continue
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
+        if isinstance(cause, OSError):
+            if cause.errno or isinstance(cause, ssl.SSLError):
+                return cause
+            found = found or cause
+        todo += [c for c in (cause.__cause__, cause.__context__) if c is not None]
+        if isinstance(cause, BaseExceptionGroup):
+            todo += cause.exceptions
+    return found
 
 
 class ClientPool:

@@ -5,6 +5,7 @@ transport honours the egress proxy of the environment (a tiny forward proxy on 1
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 import sys
@@ -197,3 +198,19 @@ async def test_a_line_that_never_ends_is_a_typed_error_not_unbounded_memory(tran
         await pool.aclose()
         server.close()
     assert sent < 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+async def test_the_reason_of_a_connect_failure_is_kept_in_the_error_and_the_log(transport, caplog):
+    with socket.socket() as sock:  # a port that was just free: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pool = ClientPool(HttpSettings(transport=transport))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(UpstreamServerError) as info:
+            await collect(openai_backend(f"http://127.0.0.1:{port}", pool))
+    finally:
+        await pool.aclose()
+    assert str(info.value) == "could not reach openai: connect failed: Connection refused"  # no address for the client
+    logged = [r.getMessage() for r in caplog.records if "could not reach openai" in r.getMessage()]
+    assert logged and "Connection refused" in logged[0] and str(port) in logged[0]  # the log has the detail
