@@ -213,7 +213,7 @@ class _AiohttpUpstream:
         connector = aiohttp.TCPConnector(
             limit=s.max_connections, limit_per_host=0, keepalive_timeout=s.keepalive_expiry_s, ssl=self._ssl if self._ssl is not None else True
         )
-        # trust_env off: the upstream is exactly the configured URL (proxies: native only).
+        # trust_env off: no .netrc, no proxy lookup per request; the proxy is egress.py's.
         return aiohttp.ClientSession(connector=connector, trust_env=False, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
 
     async def open(self, request: UpstreamRequest, timeout: httpx.Timeout) -> Exchange:
