@@ -214,3 +214,64 @@ async def test_the_reason_of_a_connect_failure_is_kept_in_the_error_and_the_log(
     assert str(info.value) == "could not reach openai: connect failed: Connection refused"  # no address for the client
     logged = [r.getMessage() for r in caplog.records if "could not reach openai" in r.getMessage()]
     assert logged and "Connection refused" in logged[0] and str(port) in logged[0]  # the log has the detail
+
+
+# -- whatever the transport: a POST is sent once; a TLS failure says why --------------------------
+
+SSE_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n"
+    % len(body := b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+) + body
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+async def test_a_post_is_never_sent_twice_on_any_transport(transport):
+    # The upstream reads the second request on the kept-alive connection and closes it without
+    # an answer. It may have started generating: no transport may send that POST again.
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+                await reader.readexactly(length)
+                requests.append(head)
+                if len(requests) == 2:
+                    return  # closes without a word
+                writer.write(SSE_ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = ClientPool(HttpSettings(transport=transport))  # type: ignore[arg-type]
+    try:
+        b = openai_backend(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", pool)
+        assert await collect(b) == ("Hi", True)
+        with pytest.raises(UpstreamServerError, match="could not reach openai: "):
+            await collect(b)
+        assert len(requests) == 2  # the second POST arrived once, and only once
+        assert await collect(b) == ("Hi", True)  # the next one goes on a new connection
+    finally:
+        await pool.aclose()
+        server.close()
+    assert len(requests) == 3
+
+
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+async def test_an_untrusted_certificate_is_refused_with_the_reason(transport, cert, caplog):
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(*cert)
+    pool = ClientPool(HttpSettings(transport=transport))  # type: ignore[arg-type]  # certifi's CAs: ours is not among them
+    try:
+        async with FakeServer(OpenAIFake(), ssl_context=server_ctx) as fake:
+            with pytest.raises(UpstreamServerError) as info:
+                await collect(openai_backend(fake.url, pool))
+    finally:
+        await pool.aclose()
+    assert str(info.value) == "could not reach openai: TLS certificate verification failed: self-signed certificate"
+    assert fake.requests == []
+    assert any("certificate verify failed" in r.getMessage() for r in caplog.records)  # the log has OpenSSL's words
