@@ -240,10 +240,9 @@ class ChatCompletionsPath(DirectPath):
 
 
 class WebSocketPath:
-    name = "ws"
-
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str = "ws") -> None:
         self._url = url
+        self.name = name  # "ws", or "ws-<transport>" when one run compares upstream transports
 
     async def _open(self) -> ClientConnection:
         ws = await connect(self._url, compression=None, max_size=None, ping_interval=None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bench.clients import Path, StreamSpec, run_round
@@ -29,8 +29,11 @@ def spec_for(workload: StreamWorkload, path: Path) -> StreamSpec:
     return StreamSpec(model, workload.tokens, stamped=True, timeout_s=workload.timeout_s)
 
 
-async def measure(workload: StreamWorkload, paths: Sequence[Path], rig: Rig, skipped: str = "") -> WorkloadResult:
-    """Runs `workload.rounds` rounds; each round runs every path once, in a rotated order."""
+async def measure(
+    workload: StreamWorkload, paths: Sequence[Path], rig: Rig, skipped: str = "", rigs: Mapping[str, Rig] | None = None
+) -> WorkloadResult:
+    """Runs `workload.rounds` rounds; each round runs every path once, in a rotated order.
+    `rigs` gives a path its own processes (one chain per upstream transport); others use `rig`."""
     records: dict[str, list[StreamRecord]] = {p.name: [] for p in paths}
     wall_s = dict.fromkeys(records, 0.0)
     cpu = {name: CpuSnapshot() for name in records}
@@ -38,10 +41,16 @@ async def measure(workload: StreamWorkload, paths: Sequence[Path], rig: Rig, ski
         k = round_ % len(paths)
         for path in (*paths[k:], *paths[:k]):
             started: list[CpuSnapshot] = []
+            path_rig = rigs.get(path.name, rig) if rigs else rig
             recs = await run_round(
-                path, spec_for(workload, path), workload.streams, lambda: started.append(CpuSnapshot.of(rig)), workload.arrival_spread_s, seed=round_
+                path,
+                spec_for(workload, path),
+                workload.streams,
+                lambda: started.append(CpuSnapshot.of(path_rig)),
+                workload.arrival_spread_s,
+                seed=round_,
             )
-            cpu[path.name] += CpuSnapshot.of(rig) - started[0]
+            cpu[path.name] += CpuSnapshot.of(path_rig) - started[0]
             records[path.name] += recs
             wall_s[path.name] += (max(r.end_ns for r in recs) - min(r.sent_ns for r in recs)) / 1e9
             failed = sum(not r.ok for r in recs)

@@ -125,6 +125,7 @@ def to_markdown(meta: dict[str, Any], results: dict[str, WorkloadResult], idle: 
         "ITL = gaps between deliveries of tokens (merged tokens arrive together: one gap); ms/token = median over streams of each stream's mean time per token; CPU = utime+stime per token of server + bridge "
         "(proxy) and of fake upstream + load client (harness: when its CPU saturates, the harness is the limit).",
         "",
+        *([f"Upstream transports compared, one chain each (`ws-<transport>`): {meta['transports']}.", ""] if meta.get("transports") else []),
         "## Streams",
         "",
         "| workload | path | streams x tokens x rounds | failed | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | relay p50 | relay p99 | ms/token | proxy CPU us/token (server + bridge) | harness CPU us/token |",

@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too (pauses the processes)")
     parser.add_argument("--profile-tokens", type=int, default=None, help="tokens per stream while profiling (default: A50's)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable), e.g. --server-arg=--no-analytics")
+    parser.add_argument(
+        "--transports",
+        default="",
+        help="comma-separated upstream transports (native,aiohttp,httpx): one chain (server + bridge) per transport, "
+        "all alive at once, the upstream workloads over direct and each chain's WebSocket path (ws-<transport>), rounds interleaved",
+    )
     parser.add_argument("--no-pin", action="store_true", help="let every process use every CPU (default: proxy on one, harness on the rest)")
     return parser.parse_args(argv)
 
@@ -84,14 +90,19 @@ async def probe(channel: grpc.aio.Channel) -> str:
 
 
 def start_chain(
-    stack: ExitStack, fake: Proc, workloads: tuple[StreamWorkload, ...], pinning: Pinning | None, server_args: tuple[str, ...] = ()
+    stack: ExitStack,
+    fake: Proc,
+    workloads: tuple[StreamWorkload, ...],
+    pinning: Pinning | None,
+    server_args: tuple[str, ...] = (),
+    transport: str = "",
 ) -> tuple[Proxy, str]:
     """The server (with the fake's config when the adapter exists) and the bridge."""
     missing = adapter_missing()
     if not missing:
         models = {w.public_model: w.knobs for w in workloads if w.source == "upstream"}
         models[PROBE_MODEL] = Knobs(tokens=3)
-        cfg = stack.enter_context(config_file(proxy_config(fake.port, models)))
+        cfg = stack.enter_context(config_file(proxy_config(fake.port, models, transport)))
         try:
             return stack.enter_context(running_proxy(pinning, ("--config", str(cfg), *server_args), BRIDGE_ARGS)), ""
         except RuntimeError as exc:  # the server refused the config: say why, go on without
@@ -134,12 +145,52 @@ async def run_profile(workload: StreamWorkload, paths: list[ClientPath], proxy: 
     return text
 
 
+async def run_transports(
+    args: argparse.Namespace, chosen: Plan, streams: tuple[StreamWorkload, ...], pinning: Pinning | None, transports: list[str]
+) -> tuple[dict[str, WorkloadResult], str]:
+    """`--transports`: one chain per upstream transport, all started before the first round, so
+    every round runs direct and each chain side by side (same machine load, rotated order)."""
+    results: dict[str, WorkloadResult] = {}
+    with ExitStack() as stack:
+        fake = start_fake()
+        stack.callback(fake.stop)
+        chains: dict[str, Proxy] = {}
+        for transport in transports:
+            proxy, missing = start_chain(stack, fake, chosen.streams, pinning, tuple(args.server_arg), transport)
+            if missing:
+                return results, f"{missing} (transport {transport})"
+            chains[transport] = proxy
+        channels = {t: grpc.aio.insecure_channel(p.grpc_target) for t, p in chains.items()}
+        try:
+            for transport, channel in channels.items():
+                if missing := await probe(channel):
+                    return results, f"{missing} (transport {transport})"
+            rigs = {f"ws-{t}": Rig(p.server.popen.pid, p.bridge.popen.pid, fake.popen.pid) for t, p in chains.items()}
+            first = next(iter(chains.values()))
+            for workload in streams:
+                if workload.source == "demo":  # no upstream: the transport plays no part
+                    paths: list[ClientPath] = [GrpcPath(channels[transports[0]]), WebSocketPath(first.ws_url)]
+                else:
+                    paths = [DirectPath("127.0.0.1", fake.port), *(WebSocketPath(p.ws_url, f"ws-{t}") for t, p in chains.items())]
+                print(f"bench: {workload.key} {workload.title} over {', '.join(p.name for p in paths)}", file=sys.stderr)
+                results[workload.key] = await measure(workload, paths, rigs[f"ws-{transports[0]}"], rigs=rigs)
+        finally:
+            for channel in channels.values():
+                await channel.close()
+    return results, ""
+
+
 async def run_all(args: argparse.Namespace, chosen: Plan, pinning: Pinning | None) -> tuple[dict[str, WorkloadResult], IdleResult | None, str]:
     only = {k for k in args.only.split(",") if k}
     results: dict[str, WorkloadResult] = {}
     missing = ""
     streams = tuple(w for w in chosen.streams if not only or w.key in only)
-    if streams:
+    transports = [t for t in args.transports.split(",") if t]
+    if streams and transports:
+        results, missing = await run_transports(args, chosen, streams, pinning, transports)
+        if missing:
+            print(missing, file=sys.stderr)
+    elif streams:
         with ExitStack() as stack:
             fake = start_fake()
             stack.callback(fake.stop)
@@ -193,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         results, idle, missing = uvloop.run(run_all(args, chosen, pinning))
     meta["duration_s"] = round(time.monotonic() - t0, 1)
     meta["openai_adapter"] = missing or "available"
+    if args.transports:
+        meta["transports"] = args.transports
     markdown = to_markdown(meta, results, idle)
     if missing:
         markdown += f"\n{missing}: the upstream workloads ran direct only.\n"

@@ -116,10 +116,14 @@ def start_fake() -> Proc:
     return start("fake-upstream", ["bench.fake_upstream", "--port", "0"], FAKE_READY)
 
 
-def proxy_config(fake_port: int, models: dict[str, Knobs]) -> str:
+def proxy_config(fake_port: int, models: dict[str, Knobs], transport: str = "") -> str:
     """A deployment config (config.example.yaml's format) serving each public model from the
-    fake upstream as an OpenAI-compatible provider, with the knobs in the upstream model name."""
-    lines = ["well_known: false", "models:"]  # the default transport (native)
+    fake upstream as an OpenAI-compatible provider, with the knobs in the upstream model name.
+    `transport` sets `http: transport:` ("" keeps the server's default)."""
+    lines = ["well_known: false"]
+    if transport:
+        lines += ["http:", f"  transport: {transport}"]
+    lines.append("models:")
     for public, knobs in models.items():
         lines += [
             f"  {public}:",

@@ -11,7 +11,8 @@ places:
   `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`), when there is no config file or it sets
   `well_known: true`.
 
-Keys are read once here, from `env:NAME` or `file:/path` references, into `Secret`s. Base URLs
+The egress proxy comes from the environment too (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`; see
+server/providers/egress.py). Keys are read once here, from `env:NAME` or `file:/path` references, into `Secret`s. Base URLs
 come from this file only: no client field reaches them. A mistake in the file stops the start
 with a `ConfigError` naming the file, the line and the problem.
 """
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import ipaddress
+import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -33,6 +37,7 @@ from server.core.session import SessionLimits
 from server.providers.adapter import Endpoint, Secret, Timeouts
 from server.providers.base import Backend, DeploymentInfo
 from server.providers.demo import DemoBackend, DemoPace, load_corpus
+from server.providers.egress import EgressProxies, ProxyConfigError
 from server.providers.http import ClientPool, HttpSettings, TransportName
 from server.providers.registry import BuildContext, Provider, providers
 from server.routing.policy import (
@@ -47,6 +52,8 @@ from server.routing.policy import (
 
 BUILTIN_MODELS = ("demo", "demo-fast")
 DEMO_MODES = ("on", "off", "all-keys")  # served (keys must name them) / not served / any key
+
+log = logging.getLogger("llmproxy.config")
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -111,12 +118,24 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
                 corpus,
             )
         ]
-    ctx = BuildContext(ClientPool(proxy.http), config.demo_pace, corpus)
+    try:
+        proxies = EgressProxies.from_env(env)  # HTTPS_PROXY, HTTP_PROXY, NO_PROXY
+    except ProxyConfigError as exc:
+        raise ConfigError(f"the environment: {exc}") from None
+    ctx = BuildContext(ClientPool(replace(proxy.http, proxies=proxies)), config.demo_pace, corpus)
     specs = list(proxy.deployments)
     if proxy.well_known:
         configured = {spec.model for spec in specs}
         specs += [s for s in well_known_deployments(registry, env) if s.model not in configured]
     for spec in specs:
+        if spec.endpoint.key is not None and (host := plain_http_host(spec.endpoint.base_url)):
+            # RFC 9110 4.2.1: http:// is readable by every hop on the way; a key is a bill.
+            log.warning(
+                "deployment %s sends its provider key over plain http:// to %s, a host that is not loopback: "
+                "anyone on the path can read it; use https://",
+                spec.info.name,
+                host,
+            )
         backend = registry[spec.info.provider].build(spec.info, spec.endpoint, ctx)
         models.setdefault(spec.model, []).append(backend)
     for public, route in proxy.routes.items():
@@ -124,6 +143,23 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
             if fallback not in models:
                 raise ConfigError(f"{config.config_path}: model {public!r} falls back to {fallback!r}, which is not served")
     return RoutingCatalog(models, proxy.routes, proxy.budget, proxy.default_route)
+
+
+def plain_http_host(base_url: str) -> str:
+    """The host of an `http://` URL whose host is not loopback (localhost, 127.0.0.0/8, ::1), or
+    "" (https://, or loopback, where nothing leaves the machine)."""
+    parts = urlsplit(base_url)
+    if parts.scheme.lower() != "http":
+        return ""
+    host = (parts.hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 6.3
+        return ""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return ""
+    except ValueError:
+        pass  # a name
+    return host
 
 
 def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, str]) -> list[DeploymentSpec]:
@@ -413,14 +449,12 @@ class _Parser:
             raise self.error(fields["http2"], "http2 needs transport: httpx")
         # Optional transports are optional dependencies (pyproject's extras): say which at load
         # time, not with an ImportError at the first request.
-        if transport == "aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
-            raise self.error(fields["transport"], "transport: aiohttp needs httpx-aiohttp: pip install 'llmproxy[aiohttp]'")
         if http2 and importlib.util.find_spec("h2") is None:
             raise self.error(fields["http2"], "http2 needs the h2 package: pip install 'llmproxy[http2]'")
         ca_file = self.string(fields["ca_file"]) if "ca_file" in fields else None
         if ca_file is not None:
-            if transport != "native":
-                raise self.error(fields["ca_file"], "ca_file needs transport: native")
+            if transport == "httpx":
+                raise self.error(fields["ca_file"], "ca_file needs transport: native or aiohttp")
             if not Path(ca_file).is_file():
                 raise self.error(fields["ca_file"], f"no such CA file: {ca_file}")
         name: TransportName = "native" if transport == "native" else "aiohttp" if transport == "aiohttp" else "httpx"

@@ -24,6 +24,7 @@
     │   ├── UpstreamServerError     5xx (retryable)
     │   ├── StreamCut               the stream ended before its finish event (retryable)
     │   ├── MalformedStream         an event we cannot decode (retryable)
+    │   │   └── EventTooLarge       an SSE line or event over the decoder's size caps
     │   └── UpstreamTimeout         connect / first token / stall deadline passed (retryable)
     └── InternalError               a bug of ours; the client sees INTERNAL and no details
 
@@ -210,6 +211,11 @@ class StreamCut(UpstreamError):
 
 class MalformedStream(UpstreamError):
     code = Code.UPSTREAM_ERROR
+
+
+class EventTooLarge(MalformedStream):
+    """An SSE line or event over `SSEDecoder`'s caps: the upstream never ended it, or sent more
+    than any provider's event holds; reading on would grow memory without bound."""
 
 
 class UpstreamTimeout(UpstreamError):

@@ -27,10 +27,19 @@ rest of the body (the chunked terminator) is drained first so the connection is 
 
 Transport. Adapters build an `UpstreamRequest` (plain data); `Upstream.open` sends it. The
 default, `native`, is our own HTTP/1.1 client (h1.py's sans-I/O parser under h1pool.py's
-connection pool): about a third of aiohttp's CPU per request opened, and less per token (see
-tests/fakes/bench_driver.py and docs/configuration.md). `transport: aiohttp` uses httpx's API
-over aiohttp (`httpx-aiohttp`); `transport: httpx` uses httpx's own transport, with HTTP/2 when
-`http2: true` and the `h2` package is installed.
+connection pool). `transport: aiohttp` uses aiohttp's own `ClientSession`; `transport: httpx`
+uses httpx's own transport, with HTTP/2 when `http2: true` and the `h2` package is installed.
+Every transport takes the egress proxy of the environment (egress.py), and reports a request
+that got no response head as `Unreachable` with the reason, which `_unreachable` logs and keeps
+in the typed error.
+
+Why native is the default (issue 17's rule: the library unless ours saves 10 % of proxy CPU per
+token or 0.3 ms of first-token time in the whole chain). `bench.run --only i,iii_50 --transports
+native,aiohttp`, once, 2026-12-01, shared 2-core machine: proxy CPU per token native 40.0 us
+against aiohttp 30.0 at (i) and 155.3 against 158.3 at (iii)-50 (no 10 % saving either time);
+added TTFT p50 5.15 against 5.35 ms at (i) and 22.06 against 25.15 ms at (iii)-50, where 50
+requests open at once: 3.1 ms saved, over the 0.3 ms bar. A thin margin from one noisy run:
+docs/configuration.md gives the caveats.
 """
 
 from __future__ import annotations
@@ -39,10 +48,11 @@ import asyncio
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import quote, urlsplit
 
+import aiohttp
 import certifi
 import httpx
 
@@ -51,7 +61,8 @@ from server.core.request import ChatRequest
 from server.errors import StreamCut, UpstreamError, UpstreamServerError, UpstreamTimeout
 from server.providers.adapter import Adapter, Endpoint, Scrubber, StreamDecoder, UpstreamRequest
 from server.providers.base import DeploymentInfo
-from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
+from server.providers.egress import EgressProxies, ProxyEndpoint
+from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable, describe_failure
 from server.providers.sse import SSEDecoder
 from server.tracing import inject_traceparent
 
@@ -69,15 +80,16 @@ TransportName = Literal["native", "aiohttp", "httpx"]
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """How the pool talks HTTP. `transport`: "native" (our HTTP/1.1 client, h1pool.py, fastest
-    here), "aiohttp" (httpx's API over aiohttp) or "httpx" (httpx's own stack; `http2` needs the
-    `h2` package). `ca_file`: a CA bundle to trust instead of the system's (native only)."""
+    """How the pool talks HTTP. `transport`: "native" (our HTTP/1.1 client, h1pool.py), "aiohttp"
+    (aiohttp's own `ClientSession`) or "httpx" (httpx's own stack; `http2` needs the `h2`
+    package). `ca_file`: a CA bundle to trust instead of certifi's (native and aiohttp)."""
 
     transport: TransportName = "native"
     http2: bool = False
     max_connections: int = 1000
     keepalive_expiry_s: float = 30.0
     ca_file: str | None = None
+    proxies: EgressProxies = field(default_factory=EgressProxies)  # from the environment, egress.py
 
 
 class Exchange(Protocol):
@@ -166,6 +178,96 @@ def _target_and_host(url: str) -> tuple[bytes, bytes]:
     return target.encode("ascii"), host.encode("ascii") if host.isascii() else host.encode("idna")
 
 
+class _AiohttpExchange:
+    __slots__ = ("_response", "_content")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self._content = response.content
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._content.readany()
+        except aiohttp.ClientError as exc:
+            raise BodyLost(f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        # An unread body cannot be skipped on HTTP/1.1: close the connection (the provider
+        # sees the disconnect) unless the body was read to its end.
+        if self._content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class _AiohttpUpstream:
+    """aiohttp's own API (`ClientSession`), no httpx in between. The session is made on first
+    use, inside the running loop. aiohttp retries a request on a reused connection only for
+    idempotent methods (client.py `IDEMPOTENT_METHODS`), so a POST is never sent twice."""
+
+    def __init__(self, settings: HttpSettings, ssl_context: ssl.SSLContext | None, proxy: ProxyEndpoint | None) -> None:
+        self._settings = settings
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._proxy = proxy.url if proxy is not None else None
+        self._proxy_headers = {"Proxy-Authorization": proxy.authorization} if proxy is not None and proxy.authorization else None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.max_connections, limit_per_host=0, keepalive_timeout=s.keepalive_expiry_s, ssl=self._ssl if self._ssl is not None else True
+        )
+        # trust_env off: no .netrc, no proxy lookup per request; the proxy is egress.py's.
+        return aiohttp.ClientSession(connector=connector, trust_env=False, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True)
+
+    async def open(self, request: UpstreamRequest, timeout: httpx.Timeout) -> Exchange:
+        session = self._session
+        if session is None:
+            session = self._session = self._new_session()
+        # `connect` covers waiting for a pooled connection and connecting; `sock_connect` the
+        # TCP (and TLS) connect alone. Body deadlines are the driver's. One object per deadline pair.
+        key = (timeout.pool, timeout.connect)
+        limits = self._timeouts.get(key)
+        if limits is None:
+            limits = self._timeouts[key] = aiohttp.ClientTimeout(total=None, connect=timeout.pool, sock_connect=timeout.connect, sock_read=None)
+        headers = request.headers
+        if "accept-encoding" not in headers:  # as the native transport: SSE is not worth compressing
+            headers = {**headers, "accept-encoding": "identity"}
+        try:
+            response = await session.request(
+                request.method,
+                request.url,
+                headers=headers,
+                data=request.content,
+                timeout=limits,
+                allow_redirects=False,
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
+            )
+        except TimeoutError as exc:  # aiohttp's connect timeouts subclass it
+            raise Unreachable(f"connect timed out ({type(exc).__name__})", timed_out=True) from None
+        except aiohttp.ClientConnectorError as exc:  # connect, TLS, name resolution
+            raise Unreachable(describe_failure(exc.os_error), detail=str(exc)) from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise Unreachable(f"the proxy {self._proxy} refused the tunnel: {exc.status} {exc.message}") from None
+        except aiohttp.ClientError as exc:
+            raise Unreachable(type(exc).__name__, detail=str(exc)) from None
+        return _AiohttpExchange(response)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class _HttpxExchange:
     __slots__ = ("_response", "_chunks")
 
@@ -202,14 +304,35 @@ class _HttpxUpstream:
         try:
             return _HttpxExchange(await self._client.send(http_request, stream=True))
         except httpx.TransportError as exc:
-            cause = exc.__cause__
-            # httpx-aiohttp maps several aiohttp connection errors to ConnectTimeout; only a
-            # real timeout (or httpx's own) is reported as one.
-            timed_out = isinstance(exc, httpx.TimeoutException) and (isinstance(cause, TimeoutError) or not isinstance(cause, OSError))
-            raise Unreachable(type(exc).__name__, timed_out=timed_out) from None
+            cause = _os_error_under(exc)
+            reason = describe_failure(cause) if cause is not None else type(exc).__name__
+            detail = str(exc) if cause is None or str(cause) == str(exc) else f"{exc}: {cause}"
+            raise Unreachable(reason, timed_out=isinstance(exc, httpx.TimeoutException), detail=detail) from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The OSError (ssl errors included) a library's exception wraps, if any: the first with an
+    errno (or an ssl error), looking through causes, contexts and exception groups (anyio
+    wraps its connect attempts in one)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    found: OSError | None = None
+    while todo:
+        cause = todo.pop(0)
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            if cause.errno or isinstance(cause, ssl.SSLError):
+                return cause
+            found = found or cause
+        todo += [c for c in (cause.__cause__, cause.__context__) if c is not None]
+        if isinstance(cause, BaseExceptionGroup):
+            todo += cause.exceptions
+    return found
 
 
 class ClientPool:
@@ -235,27 +358,28 @@ class ClientPool:
 
     def _new_upstream(self, url: httpx.URL) -> Upstream:
         s = self._settings
-        if s.transport == "native":
+        if s.transport in ("native", "aiohttp"):
             if url.scheme not in ("http", "https"):
                 raise ValueError(f"unsupported URL scheme {url.scheme!r}")
-            port = url.port or (443 if url.scheme == "https" else 80)
             if self._ssl is None and url.scheme == "https":
                 self._ssl = ssl.create_default_context(cafile=s.ca_file or certifi.where())
                 self._ssl.set_alpn_protocols(["http/1.1"])
-            return _NativeUpstream(OriginPool(url.scheme, url.host, port, self._ssl, s.max_connections, s.keepalive_expiry_s))
+        port = url.port or (443 if url.scheme == "https" else 80)
+        proxy = s.proxies.proxy_for(url.scheme, url.host, port)
+        if proxy is not None:
+            log.info("requests to %s://%s:%d go through the proxy %s", url.scheme, url.host, port, proxy.url)
+        if s.transport == "aiohttp":
+            return _AiohttpUpstream(s, self._ssl, proxy)
+        if s.transport == "native":
+            return _NativeUpstream(OriginPool(url.scheme, url.host, port, self._ssl, s.max_connections, s.keepalive_expiry_s, proxy))
         limits = httpx.Limits(
             max_connections=s.max_connections,
             max_keepalive_connections=s.max_connections,
             keepalive_expiry=s.keepalive_expiry_s,
         )
-        transport: httpx.AsyncBaseTransport
-        if s.transport == "aiohttp":
-            from httpx_aiohttp import AiohttpTransport
-
-            transport = AiohttpTransport(limits=limits, trust_env=False)
-        else:
-            transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False)
-        # trust_env off: the upstream is exactly the configured URL, never an environment proxy.
+        httpx_proxy = httpx.Proxy(proxy.url, headers={"Proxy-Authorization": proxy.authorization} if proxy.authorization else None) if proxy else None
+        transport = httpx.AsyncHTTPTransport(limits=limits, http2=s.http2, trust_env=False, proxy=httpx_proxy)
+        # trust_env off: the proxies are egress.py's, read once from the environment at start-up.
         return _HttpxUpstream(httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False))
 
     async def aclose(self) -> None:
@@ -459,10 +583,13 @@ class HttpBackend:
             deadline.done_waiting()
 
     def _unreachable(self, exc: Unreachable) -> UpstreamError:
+        """The typed error for a request that got no response head; the reason is logged (with
+        the full detail) and kept in the message (its safe part: no addresses, no keys)."""
         name = self._adapter.name
+        log.warning("deployment %s: could not reach %s: %s%s", self._info.name, name, exc, f" ({exc.detail})" if exc.detail else "")
         if exc.timed_out:
-            return UpstreamTimeout(f"could not connect to {name} in time")
-        return UpstreamServerError(f"could not reach {name}")
+            return UpstreamTimeout(f"could not connect to {name} in time: {exc}")
+        return UpstreamServerError(f"could not reach {name}: {exc}")
 
     def _timed_out(self, got_token: bool) -> UpstreamTimeout:
         t = self._endpoint.timeouts

@@ -18,15 +18,26 @@ One departure: at `flush()` a pending event (its lines received, its closing bla
 dispatched instead of discarded. Anthropic's own SDK fixtures end that way, and a body that was
 cut mid-event shows up downstream as a missing finish or an undecodable payload, both errors.
 
+Size caps. A line longer than `max_line_bytes` (an unterminated one included) and an event
+whose data is longer than `max_event_bytes` raise `EventTooLarge`: an upstream that never sends
+a line end would otherwise grow the buffer without bound. The defaults are far above any
+provider's event (a Gemini event with an inline image is a few MiB).
+
 This is the hot path of every token: each chunk is split once (`bytes.splitlines`, which knows
-exactly LF, CRLF and CR) and each `data:` line costs one slice comparison.
+exactly LF, CRLF and CR) and each `data:` line costs one slice comparison. The caps cost one
+length check per chunk and one per event; the lines of a chunk are measured one by one only
+when the chunk itself is longer than a line may be.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from server.errors import EventTooLarge
+
 _BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 8 * 1024 * 1024
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 class SSEEvent(NamedTuple):
@@ -44,9 +55,11 @@ class SSEEvent(NamedTuple):
 class SSEDecoder:
     """Incremental decoder; one per response body. Not thread-safe, not reusable."""
 
-    __slots__ = ("_tail", "_skip_lf", "_started", "_data", "_event", "_last_id", "_retry")
+    __slots__ = ("_tail", "_skip_lf", "_started", "_data", "_event", "_last_id", "_retry", "_max_line", "_max_event")
 
-    def __init__(self) -> None:
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max_line = max_line_bytes
+        self._max_event = max_event_bytes
         self._tail = b""  # an unterminated line carried to the next chunk
         self._skip_lf = False  # the last chunk ended in CR: a LF opening the next one pairs with it
         self._started = False  # the BOM check has been done
@@ -56,7 +69,8 @@ class SSEDecoder:
         self._retry: int | None = None
 
     def decode(self, chunk: bytes) -> list[SSEEvent]:
-        """Feeds one piece of the body; returns the events it completed (often none)."""
+        """Feeds one piece of the body; returns the events it completed (often none). Raises
+        `EventTooLarge` when a line or an event passes its cap."""
         if not chunk:
             return []
         if self._skip_lf:
@@ -89,6 +103,8 @@ class SSEDecoder:
             self._skip_lf = True
         else:
             self._tail = lines.pop()
+        if len(chunk) > self._max_line and max(map(len, lines), default=0) > self._max_line or len(self._tail) > self._max_line:
+            raise EventTooLarge(f"the upstream sent an event-stream line over {self._max_line} bytes")
         return self._process(lines) if lines else []
 
     def flush(self) -> list[SSEEvent]:
@@ -109,6 +125,8 @@ class SSEDecoder:
             elif not line:
                 if data:
                     payload = data[0] if len(data) == 1 else b"\n".join(data)
+                    if len(payload) > self._max_event:
+                        raise EventTooLarge(f"the upstream sent an event over {self._max_event} bytes")
                     events.append(SSEEvent(payload.decode("utf-8", "replace"), self._event, self._last_id, self._retry))
                     data = []
                 self._event = "message"
@@ -126,5 +144,7 @@ class SSEDecoder:
                 elif name == b"retry":
                     if value.isdigit():
                         self._retry = int(value)
+        if data and sum(map(len, data)) + len(data) - 1 > self._max_event:  # an event still open at the chunk's end
+            raise EventTooLarge(f"the upstream sent an event over {self._max_event} bytes")
         self._data = data
         return events

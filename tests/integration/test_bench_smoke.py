@@ -101,3 +101,25 @@ def test_bench_floor_measures_every_side() -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
     assert len(rows) == 10 and all(math.isfinite(float(line.split()[-1])) for line in rows), run.stdout
+
+
+@pytest.mark.timeout(90)
+def test_bench_compares_upstream_transports_side_by_side(tmp_path: Path) -> None:
+    # `--transports`: one chain per transport, both measured in the same rounds against direct.
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--only", "i,iii_50", "--transports", "native,aiohttp", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["meta"]["transports"] == "native,aiohttp"
+    assert set(result["workloads"]) == {"i", "iii_50"}
+    for key, workload in result["workloads"].items():
+        assert set(workload["paths"]) == {"direct", "ws-native", "ws-aiohttp"}, key
+        assert set(workload["comparisons"]) == {"ws-native", "ws-aiohttp"}, key
+        for name, path in workload["paths"].items():
+            assert path["failed"] == 0, (key, name, path["errors"])
+            assert path["tokens"] == workload["streams"] * workload["tokens_per_stream"] * workload["rounds"], (key, name)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import select
+import socket
 import ssl
 import time
+import zlib
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from server.core.request import ChatMessage, ChatRequest
 from server.errors import StreamCut, UpstreamServerError
 from server.providers.adapter import Endpoint, Secret, Timeouts, UpstreamRequest
 from server.providers.base import DeploymentInfo
+from server.providers.h1pool import BodyLost, OriginPool
 from server.providers.http import ClientPool, HttpBackend, HttpSettings
 from server.providers.registry import providers
 from tests.fakes.base import FakeServer
@@ -85,7 +89,9 @@ async def test_https_upstream_with_a_trusted_ca(cert):
 async def test_https_upstream_with_an_untrusted_certificate_is_refused(cert, pool):
     async with FakeServer(OpenAIFake(), ssl_context=server_context(cert)) as fake:
         text, error, _ = await run(openai_backend(fake.url, pool))
-    assert isinstance(error, UpstreamServerError) and "could not reach openai" in str(error) and text == ""
+    assert isinstance(error, UpstreamServerError) and text == ""
+    # the reason stays in the typed error (and the log): which check failed, no address
+    assert str(error) == "could not reach openai: TLS certificate verification failed: self-signed certificate"
     assert fake.requests == []
 
 
@@ -108,6 +114,7 @@ class RawServer:
         self.requests: list[bytes] = []
         self.connections = 0
         self.closed = 0  # connections this server has closed
+        self.writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> RawServer:
@@ -125,6 +132,7 @@ class RawServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         served = 0
         try:
             while True:
@@ -172,40 +180,47 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced(pool):
     assert server.connections == 2 and len(server.requests) == 2
 
 
-async def test_a_post_on_a_reused_connection_that_broke_after_it_was_read_is_not_sent_again(pool):
-    # The upstream read the whole POST and then closed the kept-alive connection without an
-    # answer. It may have acted on it: the transport does not send it again (RFC 9112 9.3.1);
-    # the attempt fails and the router's retry rules decide (issue 19, finding 5).
+async def test_a_post_is_never_sent_twice_once_written(pool, caplog):
+    # The race the idle check cannot see: the upstream closes the kept-alive connection just as
+    # the next request arrives, after reading it. It may have started generating: the request
+    # is not sent again (a second generation is a second bill); the caller gets a typed error.
     async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
         b = openai_backend(server.url, pool)
         assert (await run(b))[:2] == ("Hi", None)
         text, error, _ = await run(b)
         assert isinstance(error, UpstreamServerError) and text == ""
-        assert (await run(b))[:2] == ("Hi", None)  # the next request gets a new connection
-    assert len(server.requests) == 3
+        assert str(error) == "could not reach openai: the reused connection closed before the response"
+        assert len(server.requests) == 2  # the second request arrived once, and only once
+        assert (await run(b))[:2] == ("Hi", None)  # the next one goes on a new connection
+    assert server.connections == 2 and len(server.requests) == 3
+    assert any("could not reach openai: the reused connection closed" in r.getMessage() for r in caplog.records)
 
 
-async def test_an_idempotent_request_on_a_reused_connection_that_broke_goes_once_more():
-    from server.providers.h1pool import OriginPool
-
-    async with RawServer(lambda n: b"" if n == 2 else chunked(SSE)) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        origin = OriginPool("http", "127.0.0.1", port, None, 10, 30.0)
-        try:
-            for _ in range(2):
-                exchange = await origin.open(b"GET", b"/", [(b"host", b"127.0.0.1")], b"", connect_s=5, pool_s=5)
-                while await exchange.read():
-                    pass
-                exchange.aclose()
-        finally:
-            origin.aclose()
-    assert server.connections == 2 and len(server.requests) == 3  # the GET went twice
+async def test_an_idle_connection_found_closed_before_writing_is_not_used(pool):
+    # The upstream closed the idle connection, and the event loop has not run since: the
+    # transport still looks open, but the socket reads EOF. It is dropped before anything is
+    # written, and the request goes on a new connection, once.
+    async with RawServer(lambda n: chunked(SSE)) as server:
+        b = openai_backend(server.url, pool)
+        assert (await run(b))[:2] == ("Hi", None)
+        origin = pool.upstream_for(server.url)._pool
+        [idle] = origin._idle
+        # the upstream closes it (the FIN leaves now; the event loop does not run until our next await)
+        server.writers[0].transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        poller = select.poll()
+        poller.register(idle.transport.get_extra_info("socket").fileno(), select.POLLIN)
+        assert poller.poll(5000)  # the kernel has it (a blocking wait outside the loop)
+        assert idle.usable  # what the pool saw before: it would have written on it
+        assert origin._idle_connection() is None and not origin._idle
+        assert (await run(b))[:2] == ("Hi", None)
+    assert server.connections == 2 and len(server.requests) == 2
 
 
 async def test_a_connection_closed_without_an_answer_is_an_upstream_error(pool):
     async with RawServer(lambda n: b"", close_after=1) as server:
         text, error, _ = await run(openai_backend(server.url, pool))
-    assert isinstance(error, UpstreamServerError) and str(error) == "could not reach openai" and text == ""
+    assert isinstance(error, UpstreamServerError) and text == ""
+    assert str(error) == "could not reach openai: the connection closed before the response"
     assert len(server.requests) == 1  # a fresh connection is not retried: the upstream read it
 
 
@@ -240,3 +255,57 @@ async def test_an_unread_body_stops_reading_the_socket(pool):
         while chunk := await exchange.read():
             total += len(chunk)
         assert total == len(many) + len(SSE)
+
+
+# -- codings, caps, refused heads ------------------------------------------------------------------
+
+
+def framed(body: bytes, headers: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + headers + b"\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+
+
+async def test_gzip_under_chunked_is_decoded(pool):
+    async with RawServer(lambda n: framed(gzip.compress(SSE), b"Transfer-Encoding: gzip, chunked\r\n")) as server:
+        assert await run(openai_backend(server.url, pool)) == ("Hi", None, True)
+
+
+async def test_a_transfer_coding_over_a_content_coding_is_undone_in_order(pool):
+    body = gzip.compress(zlib.compress(SSE))  # content coding deflate first, then transfer coding gzip
+    async with RawServer(lambda n: framed(body, b"Content-Encoding: deflate\r\nTransfer-Encoding: gzip, chunked\r\n")) as server:
+        assert await run(openai_backend(server.url, pool)) == ("Hi", None, True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n", "both Transfer-Encoding and Content-Length"),
+        (b"Transfer-Encoding: br, chunked\r\n", "an unsupported transfer coding: 'br'"),
+        (b"Transfer-Encoding: chunked\r\nX Bad Name: 1\r\n", "a malformed header line"),
+    ],
+)
+async def test_a_head_we_refuse_is_a_typed_error_that_says_why(pool, headers, reason):
+    async with RawServer(lambda n: framed(SSE, headers)) as server:
+        text, error, finished = await run(openai_backend(server.url, pool))
+    assert isinstance(error, UpstreamServerError) and text == "" and not finished
+    assert str(error).startswith("could not reach openai: the response broke HTTP/1.1: ") and reason in str(error)
+
+
+async def test_a_compressed_body_that_expands_past_the_cap_is_refused():
+    bomb = gzip.compress(b"data: " + b"0" * 5_000_000 + b"\n\n")  # 5 MB from about 5 KB
+    async with RawServer(lambda n: framed(bomb, b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n")) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        origin = OriginPool("http", "127.0.0.1", port, None, 10, 30.0, max_decoded_bytes=1_000_000)
+        headers = [(b"host", b"127.0.0.1"), (b"content-length", b"2")]
+        exchange = await origin.open(b"POST", b"/v1/chat/completions", headers, b"{}", connect_s=2.0, pool_s=2.0)
+        total = 0
+        with pytest.raises(BodyLost, match="expands past the size cap"):
+            while chunk := await exchange.read():
+                total += len(chunk)
+        assert total <= 1_000_000 and not origin._idle  # the connection is not reused
+        origin.aclose()
+
+
+async def test_a_corrupt_compressed_body_is_a_cut_stream(pool):
+    async with RawServer(lambda n: framed(b"\x1f\x8b\x08\x00garbage-not-gzip", b"Transfer-Encoding: gzip, chunked\r\n")) as server:
+        text, error, finished = await run(openai_backend(server.url, pool))
+    assert isinstance(error, StreamCut) and text == "" and not finished

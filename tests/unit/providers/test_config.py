@@ -84,6 +84,7 @@ async def test_catalog_with_config_serves_config_and_demo(tmp_path):
         ("http:\n  transport: curl\nmodels: {}\n", 2, "transport must be native, aiohttp or httpx"),
         ("http:\n  ca_file: /nonexistent/ca.pem\nmodels: {}\n", 2, "no such CA file"),
         ("http:\n  transport: aiohttp\n  http2: true\nmodels: {}\n", 3, "http2 needs transport: httpx"),
+        ("http:\n  transport: httpx\n  ca_file: /etc/hostname\nmodels: {}\n", 3, "ca_file needs transport: native or aiohttp"),
         ("models:\n  m:\n    provider: openai\n    key: env:K\n    headers: {\"X Org\": a}\n", 5, "not a valid HTTP token"),
         ("models:\n  m:\n    provider: openai\n    key: env:K\n    headers: {X-Org: \"a\\nb\"}\n", 5, "printable latin-1"),
         ("models:\n  m:\n    provider: openai\n    key: env:K\n    headers: {X-Org: \"\u20ac\"}\n", 5, "printable latin-1"),
@@ -101,7 +102,6 @@ def test_errors_name_file_line_and_problem(tmp_path, text, line, problem):
 @pytest.mark.parametrize(
     ("text", "module", "problem"),
     [
-        ("http:\n  transport: aiohttp\nmodels: {}\n", "httpx_aiohttp", "pip install 'llmproxy[aiohttp]'"),
         ("http:\n  transport: httpx\n  http2: true\nmodels: {}\n", "h2", "pip install 'llmproxy[http2]'"),
     ],
 )
@@ -122,3 +122,36 @@ def test_secret_is_redacted_everywhere():
     key = Secret("sk-very-secret")
     assert "sk-very-secret" not in repr(key) + str(key) + f"{key}" + repr([key])
     assert key.reveal() == "sk-very-secret"
+
+
+async def test_a_key_over_plain_http_to_a_remote_host_is_warned_about_at_start(tmp_path, caplog):
+    path = write(tmp_path, """
+        models:
+          remote:
+            provider: openai-compatible
+            base_url: http://10.1.2.3:8000/v1
+            key: env:K
+          named:
+            provider: openai-compatible
+            base_url: http://llm.internal.example/v1
+            key: env:K
+          local:
+            - {provider: openai-compatible, base_url: "http://127.0.0.1:8000/v1", key: env:K}
+            - {provider: openai-compatible, base_url: "http://localhost:8000/v1", key: env:K}
+            - {provider: openai-compatible, base_url: "http://[::1]:8000/v1", key: env:K}
+          tls:
+            provider: openai-compatible
+            base_url: https://10.1.2.3/v1
+            key: env:K
+          keyless:
+            provider: openai-compatible
+            base_url: http://10.9.9.9/v1
+    """)
+    caplog.set_level("WARNING", logger="llmproxy.config")
+    catalog = build_catalog(ServerConfig(config_path=path), environ={"K": "sk-secret-value"})
+    await catalog.aclose()
+    warned = [r.getMessage() for r in caplog.records if "plain http://" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "remote#1" in warned[0] and "10.1.2.3" in warned[0]
+    assert "named#1" in warned[1] and "llm.internal.example" in warned[1]
+    assert all("sk-secret-value" not in m for m in warned)

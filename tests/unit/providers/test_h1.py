@@ -116,6 +116,39 @@ def test_broken_framing_is_a_protocol_error(raw):
         ResponseReader().receive_data(raw)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # RFC 9112 6.1: both framings at once, the request-smuggling pattern
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        # chunked twice, or not last; codings we cannot undo
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: br, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: compress\r\n\r\n",
+        # header names that are not tokens, values with NUL, a bare CR or LF, VT
+        b"HTTP/1.1 200 OK\r\nX Y: z\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n(bad): z\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX\x00: z\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX\xe9: z\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX : z\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n: z\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x0bb\r\nContent-Length: 0\r\n\r\n",
+        # found by the differential test against h11: a CR in the reason, a malformed trailer
+        b"HTTP/1.1 200 \r\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n:0:!!\r\n\r\n",
+    ],
+)
+def test_heads_that_are_refused(raw):
+    with pytest.raises(ProtocolError):
+        ResponseReader().receive_data(raw)
+
+
 def test_oversized_head_is_refused():
     reader = ResponseReader()
     with pytest.raises(ProtocolError):
@@ -157,3 +190,19 @@ def test_request_bytes():
 )
 def test_request_target_and_host_of_a_url(url, target, host):
     assert _target_and_host(url) == (target, host)
+
+
+def test_gzip_under_chunked_is_listed_for_the_driver_to_undo():
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Encoding: deflate\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    reader, body = read_all([raw])
+    assert reader.complete and reader.keep_alive and body == b"abc"  # still framed by chunked
+    assert reader.head.transfer_codings == (b"gzip",)
+    reader, body = read_all([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity, GZip\r\n\r\nxyz"], eof=True)
+    assert reader.head.transfer_codings == (b"gzip",) and body == b"xyz" and not reader.keep_alive
+    reader, _ = read_all([CHUNKED])
+    assert reader.head.transfer_codings == ()
+
+
+def test_header_values_keep_inner_whitespace_and_obs_text():
+    reader, _ = read_all([b"HTTP/1.1 200 OK\r\nX-A:\t a \t b \t\r\nX-B: caf\xe9\r\nX-C:\r\nContent-Length: 0\r\n\r\n"])
+    assert reader.head.headers[:3] == ((b"x-a", b"a \t b"), (b"x-b", b"caf\xe9"), (b"x-c", b""))

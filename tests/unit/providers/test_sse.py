@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.errors import EventTooLarge
 from server.providers.sse import SSEDecoder, SSEEvent
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fakes" / "fixtures"
@@ -107,3 +108,46 @@ def test_recorded_fixtures_decode_to_json_events(name):
     for event in events:
         if event.data != "[DONE]":
             json.loads(event.data)
+
+
+# -- size caps -----------------------------------------------------------------------------------
+
+
+def test_a_line_that_never_ends_is_refused_once_over_the_cap():
+    d = SSEDecoder(max_line_bytes=100, max_event_bytes=1000)
+    assert d.decode(b"data: " + b"x" * 50) == []
+    with pytest.raises(EventTooLarge, match="line over 100 bytes"):
+        for _ in range(10):
+            d.decode(b"x" * 20)  # never a line end: the buffer must not grow without bound
+
+
+def test_a_long_line_inside_one_chunk_is_refused():
+    d = SSEDecoder(max_line_bytes=100, max_event_bytes=1000)
+    with pytest.raises(EventTooLarge, match="line over 100 bytes"):
+        d.decode(b"data: " + b"x" * 200 + b"\n\n")
+
+
+def test_an_event_of_many_lines_over_the_cap_is_refused_within_one_chunk():
+    d = SSEDecoder(max_line_bytes=100, max_event_bytes=300)
+    with pytest.raises(EventTooLarge, match="event over 300 bytes"):
+        d.decode(b"data: " + b"y" * 90 + b"\n" * 1 + (b"data: " + b"y" * 90 + b"\n") * 4 + b"\n")
+
+
+def test_an_event_growing_across_chunks_is_refused_before_its_end():
+    d = SSEDecoder(max_line_bytes=100, max_event_bytes=300)
+    with pytest.raises(EventTooLarge, match="event over 300 bytes"):
+        for _ in range(10):
+            d.decode(b"data: " + b"z" * 90 + b"\n")  # no blank line: the event never dispatches
+
+
+def test_lines_and_events_at_the_caps_pass():
+    d = SSEDecoder(max_line_bytes=106, max_event_bytes=201)
+    line = b"data: " + b"a" * 100 + b"\n"  # 106 bytes without the LF
+    events = d.decode(line[:50]) + d.decode(line[50:] + line + b"\n") + d.flush()
+    assert [len(e.data) for e in events] == [201]
+
+
+def test_the_default_caps_hold_a_large_real_event():
+    payload = b'{"x": "' + b"b" * (4 * 1024 * 1024) + b'"}'  # a Gemini event with an inline image
+    events = decode_all(b"data: " + payload[:1000], payload[1000:] + b"\n\n")
+    assert len(events) == 1 and len(events[0].data) == len(payload)
