@@ -133,7 +133,7 @@ def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, s
 
 # -- the YAML file -------------------------------------------------------------------------------
 
-_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known", "routing"})
+_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known", "routing", "cache"})  # cache: server/cache/setup.py
 _ROUTE_KEYS = frozenset({"strategy", "fallbacks", "after_first_token", "retry", "breaker"})
 _RETRY_KEYS = frozenset({"max_attempts", "backoff_base_s", "backoff_max_s", "deadline_s"})
 _BREAKER_KEYS = frozenset({"failures", "error_rate", "window_s", "min_requests", "cooldown_s", "half_open_probes"})

@@ -29,6 +29,7 @@ from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy
 from server.auth.store import KeyStore
+from server.cache.setup import build_cache
 from server.config import ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
@@ -200,7 +201,8 @@ async def serve(options: Options) -> None:
     analytics.live.watch_routing(router)  # failed attempts, retries and failovers on the dashboard
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store) if key_store is not None else None
-    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
+    cache = build_cache(config.config_path, catalog)  # issue 16: the response cache (None without `cache:`)
+    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth, cache=cache)
     if options.metrics_listen:
         from prometheus_client import start_http_server
 

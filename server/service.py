@@ -34,6 +34,7 @@ from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy, Principal
+from server.cache.cache import ResponseCache
 from server.catalog import Catalog
 from server.core.events import Failed, StreamEvent
 from server.core.registry import SessionRegistry
@@ -77,9 +78,10 @@ class Attachment(Protocol):
 class SessionRuntime:
     """Drives one session's upstream work."""
 
-    def __init__(self, session: Session, router: Router) -> None:
+    def __init__(self, session: Session, router: Router, cache: ResponseCache | None = None) -> None:
         self.session = session
         self._router = router
+        self._cache = cache
         self._upstreams: dict[str, asyncio.Task[None]] = {}
         self.owner: Attachment | None = None
         # The key's models and limits, checked before a start reaches the session (auth on).
@@ -128,7 +130,8 @@ class SessionRuntime:
     async def _run_upstream(self, action: StartUpstream) -> None:
         stream_id, session = action.stream_id, self.session
         try:
-            async with aclosing(self._router.stream(action.request)) as events:
+            source = self._router.stream(action.request) if self._cache is None else self._cache.stream(self._router.stream, action, session.owner)
+            async with aclosing(source) as events:
                 async for event in events:
                     if not self.feed_event(stream_id, event):
                         return
@@ -257,8 +260,10 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         settings: ServiceSettings,
         analytics: Analytics | None = None,
         auth: AuthPolicy | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._router = router
+        self._cache = cache  # the response cache (server/cache/), None when off
         self._auth = auth  # None: no keys configured (loopback only, see server/main.py)
         self._catalog = catalog
         self._settings = settings
@@ -287,7 +292,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         """A fresh session of `owner` (an API key id, "" without keys), not yet attached.
         Raises `TooManySessions`."""
         session = self._registry.create(time.monotonic_ns(), owner)
-        runtime = SessionRuntime(session, self._router)
+        runtime = SessionRuntime(session, self._router, self._cache)
         self._runtimes[session.id] = runtime
         return runtime
 
@@ -470,6 +475,11 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         while True:
             await context.write(self._analytics.snapshot())
             await asyncio.sleep(interval_s)
+
+    async def DeleteCache(self, request: pb.DeleteCacheRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCacheResponse:
+        principal = await self._authenticate(context)  # a key deletes its own entries only
+        deleted = self._cache.delete(principal.key_id if principal else "", request.model) if self._cache else 0
+        return pb.DeleteCacheResponse(deleted=deleted)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         principal = await self._authenticate(context)

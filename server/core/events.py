@@ -58,6 +58,8 @@ class UsageReport:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cached_input_tokens: int = 0  # prompt tokens read from the provider's prompt cache
+    cache_write_input_tokens: int = 0  # prompt tokens written to it (Anthropic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,8 @@ class Routed:
     provider: str
     upstream_model: str
     deployment: str
+    cache: str = ""  # "exact" or "semantic" when the answer is replayed from the response cache
+    cache_score: float = 0.0  # the prompts' similarity for a semantic hit
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,3 +45,12 @@ class ChatRequest:
     seed: int | None = None
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = ""  # "", "auto", "none", "required" or a tool name
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """What one request lets the response cache do (the start frame's `cache`)."""
+
+    skip_read: bool = False
+    skip_write: bool = False
+    ttl_s: int = 0  # 0: the configured TTL
