@@ -31,7 +31,7 @@ _START_FIELDS = frozenset(
     {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation", "cache"}
 )
 _CACHE_FIELDS = frozenset({"skip_read", "skip_write", "ttl_s"})
-_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "cache_control"})
 
 FINISH_NAMES: dict[int, str] = {
     v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in pb.FinishReason.DESCRIPTOR.values
@@ -172,10 +172,16 @@ def _message(out: pb.ChatMessage, m: object, i: int) -> None:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].content parts must be text parts")
             texts.append(part["text"])
+            if "cache_control" in part:  # Anthropic's breakpoint on a content part: after this message
+                out.cache_breakpoint = True
         out.content = "".join(texts)
     elif content is not None:
         raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].content must be a string")
     out.name = _str(m, "name", where=f"messages[{i}].")
+    if "cache_control" in m:  # {"type": "ephemeral"}: a prompt-cache breakpoint after this message
+        if not isinstance(m["cache_control"], dict):
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].cache_control must be an object")
+        out.cache_breakpoint = True
     out.tool_call_id = _str(m, "tool_call_id", where=f"messages[{i}].")
     calls = m.get("tool_calls")
     if calls is not None:

@@ -23,6 +23,7 @@ class ChatMessage:
     name: str = ""
     tool_call_id: str = ""  # role "tool"
     tool_calls: tuple[ToolCall, ...] = ()  # role "assistant"
+    cache_breakpoint: bool = False  # a prompt-cache breakpoint after this message (Anthropic)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,10 @@ public model at a failure mode. Knobs:
     crlf           CRLF line endings     split=K   write each event in K-byte pieces
     hang           accept the request and never answer (no status line, no headers)
     offset=K       `tokens=N` starts at generated word K (a continuation that repeats some)
+    cached=N       usage reports N prompt tokens read from the prompt cache (OpenAI
+                   prompt_tokens_details.cached_tokens, Anthropic cache_read_input_tokens,
+                   Gemini cachedContentTokenCount); cache_write=N: Anthropic
+                   cache_creation_input_tokens
     times=N        the failure knobs apply to the first N requests of this model string only
     period=P       with `times`: the pattern repeats every P requests (times=1,period=2 flaps)
     tag=X          ignored: makes a model string (and so its `times` counter) unique
@@ -69,6 +73,8 @@ class Knobs:
     split: int | None = None
     hang: bool = False
     offset: int = 0
+    cached: int | None = None  # prompt tokens reported as read from the provider's prompt cache
+    cache_write: int | None = None  # ... and as written to it (Anthropic)
     times: int | None = None
     period: int | None = None
     tag: str | None = None

@@ -51,10 +51,10 @@ class GeminiFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens, knobs.offset)
+            return self._generated(knobs.tokens, knobs.offset, knobs.cached)
         return Script([], list(self._recordings.get(knobs.scenario, self._recordings["text"])), [])
 
-    def _generated(self, n: int, offset: int = 0) -> Script:
+    def _generated(self, n: int, offset: int = 0, cached: int | None = None) -> Script:
         recording = self._recordings["text"]
         template, last = _data(recording[0]), _data(recording[-1])
         tokens = []
@@ -65,6 +65,8 @@ class GeminiFake(Provider):
                 obj["usageMetadata"]["candidatesTokenCount"] = n
                 obj["usageMetadata"]["totalTokenCount"] = obj["usageMetadata"]["promptTokenCount"] + n
                 obj["usageMetadata"]["candidatesTokensDetails"][0]["tokenCount"] = n
+                if cached is not None:
+                    obj["usageMetadata"]["cachedContentTokenCount"] = cached
             tokens.append(_event(obj))
         return Script([], tokens, [])
 

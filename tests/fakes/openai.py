@@ -44,7 +44,7 @@ class OpenAIFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens, knobs.offset)
+            return self._generated(knobs.tokens, knobs.offset, knobs.cached)
         pre: list[bytes] = []
         tokens: list[bytes] = []
         post: list[bytes] = []
@@ -63,7 +63,7 @@ class OpenAIFake(Provider):
                 pre.append(event)
         return Script(pre, tokens, post, done)
 
-    def _generated(self, n: int, offset: int = 0) -> Script:
+    def _generated(self, n: int, offset: int = 0, cached: int | None = None) -> Script:
         recording = self._recordings["text"]
         role, template = _data(recording[0]), _data(recording[1])
         finish, usage = _data(recording[-3]), _data(recording[-2])
@@ -72,6 +72,8 @@ class OpenAIFake(Provider):
             template["choices"][0]["delta"]["content"] = text
             tokens.append(_compact(template))
         usage["usage"] = {"prompt_tokens": 14, "completion_tokens": n, "total_tokens": 14 + n}
+        if cached is not None:
+            usage["usage"]["prompt_tokens_details"] = {"cached_tokens": cached, "audio_tokens": 0}
         return Script([_compact(role)], tokens, [_compact(finish), _compact(usage)], [recording[-1]])
 
     def error(self, status: int, knobs: Knobs) -> ErrorAnswer:
