@@ -1,0 +1,127 @@
+"""The response cache fed by a fake upstream that counts its calls (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.cache.cache import DEFAULT_THRESHOLD, CacheSettings, ModelPolicy, Pace, ResponseCache
+from server.cache.embeddings import LocalEmbedder
+from server.cache.guard import same_specifics
+from server.cache.key import exact_key
+from server.cache.store import SqliteStore, StoredEntry
+from server.catalog import Catalog
+from server.core.events import Finished, FinishReason, Routed, TextDelta, UsageReport
+from server.core.request import CacheControl, ChatMessage, ChatRequest
+from server.core.session import StartUpstream
+from server.providers.base import DeploymentInfo
+
+PAIRS = Path(__file__).parents[2] / "data" / "semantic_pairs.jsonl"
+
+
+class FakeBackend:
+    def __init__(self, name: str) -> None:
+        self.info = DeploymentInfo(name, "fake", f"{name}-upstream")
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: ChatRequest):
+        self.calls += 1
+        yield Routed("fake", "m-upstream", "m")
+        for word in ("Paris ", "is ", "the ", "capital."):
+            yield TextDelta(word)
+        yield UsageReport(5, 4)
+        yield Finished(FinishReason.STOP)
+
+
+def request(text: str, **kw) -> ChatRequest:
+    return ChatRequest("m", (ChatMessage("user", text),), **kw)
+
+
+async def noop_sleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return LocalEmbedder()
+
+
+def make_cache(embedder=None, **policy) -> ResponseCache:
+    settings = CacheSettings(pace=Pace.INSTANT, default=ModelPolicy(**policy))
+    return ResponseCache(settings, SqliteStore(), Catalog({"m": [FakeBackend("m")]}), embedder, sleep=noop_sleep)
+
+
+async def run(cache: ResponseCache, upstream: Upstream, req: ChatRequest, tenant: str = "", control=CacheControl()) -> list:
+    return [e async for e in cache.stream(upstream, StartUpstream("s", req, control), tenant)]
+
+
+async def test_two_tenants_never_share_an_entry():
+    cache, upstream = make_cache(), Upstream()
+    await run(cache, upstream, request("capital of France?"), tenant="key-a")
+    second = await run(cache, upstream, request("capital of France?"), tenant="key-b")
+    assert upstream.calls == 2 and not second[0].cache
+    third = await run(cache, upstream, request("capital of France?"), tenant="key-a")
+    assert upstream.calls == 2 and third[0].cache == "exact"
+    assert cache.delete("key-a") == 1
+    await run(cache, upstream, request("capital of France?"), tenant="key-a")
+    assert upstream.calls == 3
+
+
+def test_the_key_covers_every_parameter():
+    base = request("q")
+    keys = {
+        exact_key(base, ["u"], ""),
+        exact_key(request("q", temperature=0.2), ["u"], ""),
+        exact_key(request("q", max_tokens=5), ["u"], ""),
+        exact_key(ChatRequest("m", (ChatMessage("system", "s"), ChatMessage("user", "q"))), ["u"], ""),
+        exact_key(base, ["v"], ""),
+        exact_key(base, ["u"], "k"),
+    }
+    assert len(keys) == 6
+
+
+async def test_hot_sampling_is_not_stored_unless_configured():
+    cache, upstream = make_cache(max_temperature=0.5), Upstream()
+    for _ in range(2):
+        await run(cache, upstream, request("hot", temperature=1.2))
+    assert upstream.calls == 2
+
+
+async def test_ttl_expiry_and_eviction_bounds():
+    store = SqliteStore(max_entries=2)
+    for i in range(3):
+        store.put(StoredEntry(f"k{i}", "", "m", "", b"x" * 10, (), 100.0), now_s=float(i))
+    assert store.stats().entries == 2 and store.get("k0", 1.0) is None  # least recently used went
+    assert store.get("k2", 99.0) == b"x" * 10
+    assert store.get("k2", 100.0) is None  # expired
+
+
+async def test_a_paraphrase_hits_semantically_and_a_near_miss_does_not(embedder):
+    cache, upstream = make_cache(embedder, semantic=True), Upstream()
+    await run(cache, upstream, request("What is the capital of France?"))
+    hit = await run(cache, upstream, request("What's the capital of France?"))
+    assert upstream.calls == 1 and hit[0].cache == "semantic" and hit[0].cache_score >= DEFAULT_THRESHOLD
+    assert [e.text for e in hit if isinstance(e, TextDelta)] == ["Paris ", "is ", "the ", "capital."]
+    miss = await run(cache, upstream, request("What is the capital of Germany?"))
+    assert upstream.calls == 2 and not miss[0].cache
+
+
+def test_near_misses_of_the_labelled_set_do_not_hit_at_the_default_threshold(embedder):
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    assert len(pairs) >= 300
+    negatives = [p for p in pairs if p["label"] == 0]
+    positives = [p for p in pairs if p["label"] == 1]
+
+    def hits(p) -> bool:
+        a, b = embedder.embed_now(p["a"]), embedder.embed_now(p["b"])
+        return sum(x * y for x, y in zip(a, b)) >= DEFAULT_THRESHOLD and same_specifics(p["a"], p["b"])
+
+    false_hits = sum(hits(p) for p in negatives)
+    assert false_hits / len(negatives) <= 0.01, false_hits
+    assert sum(hits(p) for p in positives) >= 0.2 * len(positives)  # and it still hits paraphrases
