@@ -202,6 +202,8 @@ async def serve(options: Options) -> None:
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store) if key_store is not None else None
     cache = build_cache(config.config_path, catalog)  # issue 16: the response cache (None without `cache:`)
+    if cache is not None:
+        metrics.watch_cache(cache)
     servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth, cache=cache)
     if options.metrics_listen:
         from prometheus_client import start_http_server

@@ -22,8 +22,18 @@ _COLUMNS = (
     "deployment TEXT NOT NULL, status TEXT NOT NULL, failed INTEGER NOT NULL, ttft_us INTEGER, total_us INTEGER, "
     "tokens INTEGER, tokens_per_s REAL, itl_p50_us INTEGER, itl_p95_us INTEGER, itl_p99_us INTEGER, "
     "itl_max_us INTEGER, stalls INTEGER, relay_p50_us INTEGER, relay_max_us INTEGER, attempts INTEGER, "
-    "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER, client TEXT NOT NULL DEFAULT ''"
+    "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER, client TEXT NOT NULL DEFAULT '', "
+    "cache TEXT NOT NULL DEFAULT '', cache_score REAL NOT NULL DEFAULT 0, "
+    "cached_input_tokens INTEGER NOT NULL DEFAULT 0, cache_write_input_tokens INTEGER NOT NULL DEFAULT 0"
 )
+# Columns added after the first release, with their definitions (an older log gains them).
+_ADDED = {
+    "client": "TEXT NOT NULL DEFAULT ''",
+    "cache": "TEXT NOT NULL DEFAULT ''",  # "exact" / "semantic": answered from the response cache
+    "cache_score": "REAL NOT NULL DEFAULT 0",
+    "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",  # read from the provider's prompt cache
+    "cache_write_input_tokens": "INTEGER NOT NULL DEFAULT 0",
+}
 GROUPS = {"model": "model", "deployment": "deployment", "provider": "provider", "client": "client"}
 
 
@@ -36,8 +46,9 @@ class RequestLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"CREATE TABLE IF NOT EXISTS streams ({_COLUMNS})")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(streams)")}
-        if "client" not in columns:  # a log written before per-client rows
-            self._db.execute("ALTER TABLE streams ADD COLUMN client TEXT NOT NULL DEFAULT ''")
+        for name, definition in _ADDED.items():  # a log written before these columns
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE streams ADD COLUMN {name} {definition}")
         self._db.execute("CREATE INDEX IF NOT EXISTS streams_ended ON streams (ended_ms)")
         self._last_prune_ms = 0
 
@@ -50,12 +61,16 @@ class RequestLog:
                 r.timing.itl_p50_us, r.timing.itl_p95_us, r.timing.itl_p99_us, r.timing.itl_max_us,
                 r.timing.stalls, r.timing.relay_p50_us, r.timing.relay_max_us, r.timing.attempts,
                 r.ux_score, r.prompt_tokens, r.completion_tokens, r.reasoning_tokens, r.client or "anonymous",
+                r.cache, r.cache_score, r.cached_input_tokens, r.cache_write_input_tokens,
             )
             for r in records
         ]
         with self._lock:
             if rows:
-                self._db.executemany(f"INSERT INTO streams VALUES ({', '.join('?' * 24)})", rows)
+                self._db.executemany(f"INSERT INTO streams (ended_ms, stream_id, model, provider, deployment, status, failed, ttft_us, total_us, "
+                    "tokens, tokens_per_s, itl_p50_us, itl_p95_us, itl_p99_us, itl_max_us, stalls, relay_p50_us, relay_max_us, "
+                    "attempts, ux_score, prompt_tokens, completion_tokens, reasoning_tokens, client, cache, cache_score, "
+                    f"cached_input_tokens, cache_write_input_tokens) VALUES ({', '.join('?' * 28)})", rows)
             if now_ms - self._last_prune_ms > 60_000:
                 self._db.execute("DELETE FROM streams WHERE ended_ms < ?", (now_ms - self._retention_ms,))
                 self._last_prune_ms = now_ms
@@ -66,11 +81,11 @@ class RequestLog:
         since = (now_ms or int(time.time() * 1000)) - window_s * 1000
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens "
+                f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens, cache, cached_input_tokens "
                 "FROM streams WHERE ended_ms >= ? ORDER BY 1",
                 (since,),
             ).fetchall()
-        groups: dict[str, list[tuple[int, str, int, int, int, float, int]]] = {}
+        groups: dict[str, list[tuple[int, str, int, int, int, float, int, str, int]]] = {}
         for name, *rest in rows:
             groups.setdefault(name, []).append(tuple(rest))
         out: list[dict[str, float | int | str]] = []
@@ -88,6 +103,8 @@ class RequestLog:
                     "ttft_p95_ms": _pct(ttfts, 0.95) / 1000,
                     "itl_p95_ms": (statistics.median(itls) / 1000) if itls else 0.0,
                     "ux_score": statistics.fmean(i[5] for i in items),
+                    "cache_hits": sum(1 for i in items if i[7]),
+                    "cached_input_tokens": sum(i[8] for i in items),
                 }
             )
         return out

@@ -93,7 +93,6 @@ class CacheCounters:
     lookups: int = 0
     saved_provider_us: int = 0  # the recorded duration of every replayed answer
     saved_tokens: int = 0  # prompt + completion tokens of every replayed answer
-    semantic_scores: list[float] = field(default_factory=list)  # best score of each semantic lookup, drained by metrics
 
 
 class ResponseCache:
@@ -114,6 +113,21 @@ class ResponseCache:
         self._embedder = embedder
         self._clock = clock
         self._sleep = sleep
+        self.score_observers: list[Callable[[float], None]] = []  # the best score of each semantic lookup
+
+    def metric_values(self) -> dict[str, float]:
+        """Counters and store figures for /metrics (plain numbers: safe to read from another thread)."""
+        c, s = self.counters, self.store.stats()
+        return {
+            "lookups_exact": c.hits_exact,
+            "lookups_semantic": c.hits_semantic,
+            "lookups_miss": c.misses,
+            "entries": s.entries,
+            "bytes": s.bytes,
+            "evicted": s.evicted,
+            "expired": s.expired,
+            "lookup_s": c.lookup_us_total / 1e6,
+        }
 
     def delete(self, tenant: str, model: str = "") -> int:
         return self.store.delete(tenant, model)
@@ -148,7 +162,8 @@ class ResponseCache:
                 vector = await self._embed(text)
                 near = self.store.nearest(scope, vector, now) if vector else None
                 if near is not None:
-                    self.counters.semantic_scores.append(near[1])
+                    for observe in self.score_observers:
+                        observe(near[1])
                     if near[1] >= policy.threshold:
                         candidate = self._load(near[0], now, "semantic", near[1])
                         if candidate is not None and same_specifics(text, candidate[0].prompt):
@@ -172,18 +187,19 @@ class ResponseCache:
             async for event in events:
                 recorder.receive(event, time.monotonic_ns())
                 if store and isinstance(event, Finished):
-                    answer = recorder.answer(text)
-                    if answer is not None and event.reason in _STORED_FINISHES and (policy.tool_calls or not answer.has_tool_calls):
+                    recorded = recorder.answer(text)
+                    if recorded is not None and event.reason in _STORED_FINISHES and (policy.tool_calls or not recorded.has_tool_calls):
                         if scope and not vector and self._embedder is not None:
                             vector = await self._embed(text)
-                        self._put(key, tenant, request.model, scope if vector else "", answer, vector, control.ttl_s)
+                        self._put(key, tenant, request.model, scope if vector else "", recorded, vector, control.ttl_s)
                     else:
                         self.counters.not_stored += 1
                 yield event
 
     async def replay(self, answer: CachedAnswer, kind: str, score: float) -> AsyncGenerator[StreamEvent, None]:
         """A recorded answer as stream events (see the module doc)."""
-        yield Routed(answer.provider, answer.upstream_model, answer.deployment, cache=kind, cache_score=score)
+        saved_us = sum(gap for gap, _ in answer.events)
+        yield Routed(answer.provider, answer.upstream_model, answer.deployment, cache=kind, cache_score=score, cache_saved_us=saved_us)
         paced = self.settings.pace is Pace.RECORDED
         first = True
         for gap_us, event in answer.events:

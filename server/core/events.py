@@ -84,6 +84,7 @@ class Routed:
     deployment: str
     cache: str = ""  # "exact" or "semantic" when the answer is replayed from the response cache
     cache_score: float = 0.0  # the prompts' similarity for a semantic hit
+    cache_saved_us: int = 0  # the recorded answer's provider time, saved by the replay
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,7 @@ class StreamRecord:
     cache_write_input_tokens: int = 0
     cache: str = ""  # "exact" / "semantic": replayed from the response cache
     cache_score: float = 0.0
+    cache_saved_us: int = 0  # the provider time the replay saved (the recorded answer's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +312,7 @@ class Session:
             stream.deployment = event.deployment
             stream.provider = event.provider
             if event.cache:
-                stream.cache_hit = (event.cache, event.cache_score)
+                stream.cache_hit = (event.cache, event.cache_score, event.cache_saved_us)
             if stream.seq == 0:  # the first routing; a failover before content, or a restart, sends nothing
                 stream.seq = 1
                 started = pb.StreamStarted(
@@ -514,7 +515,7 @@ class Session:
             attempts_usage=parts,
         )
         if stream.cache_hit is not None:
-            done.cache.kind, done.cache.score = stream.cache_hit
+            done.cache.kind, done.cache.score = stream.cache_hit[0], stream.cache_hit[1]
             done.usage.cached = True
         self._emit(stream, pb.ServerFrame(done=done), now_ns)
 
@@ -575,6 +576,7 @@ class Session:
                 cache_write_input_tokens=usage.cache_write_input_tokens,
                 cache=stream.cache_hit[0] if stream.cache_hit else "",
                 cache_score=stream.cache_hit[1] if stream.cache_hit else 0.0,
+                cache_saved_us=stream.cache_hit[2] if stream.cache_hit else 0,
             )
         )
         return pb.Timing(

@@ -187,7 +187,7 @@ class Stream:
         self.reasoning_tokens = 0
         self.cached_input_tokens = 0
         self.cache_write_input_tokens = 0
-        self.cache_hit: tuple[str, float] | None = None  # (kind, score) when replayed from the response cache
+        self.cache_hit: tuple[str, float, int] | None = None  # (kind, score, saved us): replayed from the response cache
         self.answers = 0  # attempts of this generation that answered (Routed events)
         self.answer_from = 0  # content events relayed before the current attempt answered
         self.attempt_usage: list[tuple[str, UsageReport]] = []  # AttemptEnded, in order

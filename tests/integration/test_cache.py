@@ -7,14 +7,19 @@ tests stand alone under -k and in any order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
 import uuid
 from collections import Counter
 
+import grpc
 import pytest
 from websockets.asyncio.client import connect
+
+from llmproxy.v1 import llmproxy_pb2 as pb
+from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 
 from tests.support.procs import start, start_proxy
 from tests.support.ws import collect, recv, send
@@ -46,7 +51,8 @@ def chain(fake, tmp_path_factory):
     }
     path = tmp_path_factory.mktemp("cache") / "llmproxy.yaml"
     path.write_text(json.dumps(config))
-    proxy = start_proxy(("--config", str(path), "--metrics-listen", "127.0.0.1:0"), (), {"CACHE_KEY": "sk-cache-test"})
+    log = tmp_path_factory.mktemp("cache-log") / "requests.sqlite3"
+    proxy = start_proxy(("--config", str(path), "--metrics-listen", "127.0.0.1:0", "--request-log", str(log)), (), {"CACHE_KEY": "sk-cache-test"})
     yield proxy
     proxy.stop()
 
@@ -170,3 +176,81 @@ async def test_cancelled_and_modified_streams_are_never_cached(chain, fake):
     again = await ask(chain, "slow", prompt)
     assert "cache" not in again[0]  # neither the cancelled nor the modified answer was stored
     assert again[-1]["type"] == "done"
+
+
+async def grpc_frames(chain, model: str, prompt: str) -> list[pb.ServerFrame]:
+    async with grpc.aio.insecure_channel(chain.server.address) as channel:
+        call = pb_grpc.LLMProxyStub(channel).Stream()
+        await call.write(pb.ClientFrame(start=pb.StartStream(stream_id="g", model=model, messages=[pb.ChatMessage(role="user", content=prompt)])))
+        await call.done_writing()
+        return [f async for f in call if f.WhichOneof("kind") != "session"]
+
+
+def _without_cache_and_times(frame: pb.ServerFrame) -> pb.ServerFrame:
+    out = pb.ServerFrame()
+    out.CopyFrom(frame)
+    body = getattr(out, out.WhichOneof("kind"))
+    for name in ("cache", "latency_us", "timing", "usage"):
+        if name in body.DESCRIPTOR.fields_by_name:
+            body.ClearField(name)
+    return out
+
+
+async def test_grpc_clients_see_the_same_frames_for_live_and_cached_answers(chain, fake):
+    prompt = unique("Over gRPC")
+    live = await grpc_frames(chain, "c", prompt)
+    cached = await grpc_frames(chain, "c", prompt)
+    assert not live[0].started.HasField("cache") and cached[0].started.cache.kind == "exact"
+    assert cached[-1].done.cache.kind == "exact" and cached[-1].done.usage.cached
+    assert [_without_cache_and_times(f) for f in cached] == [_without_cache_and_times(f) for f in live]
+
+
+async def test_delete_cache_rpc_removes_the_tenants_entries(chain, fake):
+    prompt = unique("Delete me")
+    await ask(chain, "c", prompt)
+    assert (await ask(chain, "c", prompt))[0]["cache"]["kind"] == "exact"
+    async with grpc.aio.insecure_channel(chain.server.address) as channel:
+        reply = await pb_grpc.LLMProxyStub(channel).DeleteCache(pb.DeleteCacheRequest(model="c"))
+    assert reply.deleted >= 1
+    assert "cache" not in (await ask(chain, "c", prompt))[0]
+
+
+def metrics_text(chain) -> str:
+    line = next(line for line in chain.server.lines if line.startswith("llmproxy-server metrics on "))
+    with urllib.request.urlopen(line.rsplit(" ", 1)[1], timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def wait_for(predicate, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_hits_misses_entries_and_bytes_in_metrics_and_the_request_log(chain, fake):
+    prompt = unique("Visible")
+    await ask(chain, "c", prompt)
+    await ask(chain, "c", prompt)
+    text = metrics_text(chain)
+    assert metric(text, 'llmproxy_cache_lookups_total{result="exact"}') >= 1
+    assert metric(text, 'llmproxy_cache_lookups_total{result="miss"}') >= 1
+    assert metric(text, "llmproxy_cache_entries ") >= 1 and metric(text, "llmproxy_cache_bytes ") > 0
+    assert metric(text, "llmproxy_cache_lookup_seconds_total") > 0
+    # per stream (fed by the analytics tick): hits and the provider time they saved
+    await wait_for(lambda: metric(metrics_text(chain), 'llmproxy_cache_hits_total{gen_ai_request_model="c",kind="exact"}') >= 1)
+    assert metric(metrics_text(chain), 'llmproxy_cache_saved_provider_seconds_total{gen_ai_request_model="c"}') > 0.1
+
+    async def cache_hits_logged() -> int:
+        async with grpc.aio.insecure_channel(chain.server.address) as channel:
+            reply = await pb_grpc.LLMProxyStub(channel).Stats(pb.StatsRequest(window_s=3600, group_by="model"))
+        return sum(r.cache_hits for r in reply.rows if r.name == "c")
+
+    deadline = time.monotonic() + 15
+    while await cache_hits_logged() < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
