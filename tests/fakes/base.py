@@ -166,6 +166,22 @@ class Provider:
     def malformed_event(self) -> bytes:
         return b'data: {"id":"broken","choices":[{"delta":{"content":"x"\n\n'
 
+    def unary(self, method: str, path: str, body: Any) -> tuple[int, Any] | None:
+        """A JSON answer for a non-streaming route (embeddings), or None: not one."""
+        return None
+
+
+def fake_embedding(text: str, dims: int = 64) -> list[float]:
+    """A deterministic bag-of-words embedding: each lower-cased word adds 1 to a dimension chosen
+    by its hash (stable across processes), so prompts with the same words point the same way."""
+    import hashlib
+    import re as _re
+
+    vector = [0.0] * dims
+    for word in _re.findall(r"\w+", text.lower()):
+        vector[int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dims] += 1.0
+    return vector
+
 
 def events_of(fixture: bytes) -> list[bytes]:
     """A recorded body as one bytes per event, each ending in a blank line (recordings may
@@ -282,6 +298,14 @@ class FakeServer:
             await conn.send_json(200, self.state())
             return True
         self.requests.append(request)
+        try:
+            parsed = json.loads(body) if body else {}
+        except ValueError:
+            parsed = {}
+        unary = self.provider.unary(method, path, parsed if isinstance(parsed, dict) else {})
+        if unary is not None:
+            await conn.send_json(*unary)
+            return True
         if not self.provider.is_stream_request(method, path):
             await conn.send_json(404, {"error": {"message": f"no route {method} {path}"}})
             return True

@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
-from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, generated_tokens, main
+from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, fake_embedding, generated_tokens, main
 
 
 def _fixture(name: str) -> bytes:
@@ -45,6 +45,13 @@ class GeminiFake(Provider):
 
     def is_stream_request(self, method: str, path: str) -> bool:
         return method == "POST" and path.endswith(":streamGenerateContent")
+
+    def unary(self, method: str, path: str, body: Any) -> tuple[int, Any] | None:
+        # https://ai.google.dev/api/embeddings#method:-models.embedcontent
+        if method != "POST" or not path.endswith(":embedContent"):
+            return None
+        text = "".join(p.get("text", "") for p in (body.get("content") or {}).get("parts", []))
+        return 200, {"embedding": {"values": fake_embedding(text)}}
 
     def model_of(self, path: str, body: Any) -> str:
         return unquote(path.split("/models/", 1)[-1].split(":", 1)[0])

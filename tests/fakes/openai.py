@@ -9,7 +9,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, generated_tokens, main
+from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, fake_embedding, generated_tokens, main
 
 
 def _fixture(name: str) -> bytes:
@@ -36,6 +36,15 @@ class OpenAIFake(Provider):
 
     def is_stream_request(self, method: str, path: str) -> bool:
         return method == "POST" and path.endswith("/chat/completions")
+
+    def unary(self, method: str, path: str, body: Any) -> tuple[int, Any] | None:
+        # https://platform.openai.com/docs/api-reference/embeddings/create
+        if method != "POST" or not path.endswith("/embeddings"):
+            return None
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        data = [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)]
+        return 200, {"object": "list", "data": data, "model": body.get("model", ""), "usage": {"prompt_tokens": 3, "total_tokens": 3}}
 
     def model_of(self, path: str, body: Any) -> str:
         if "/openai/deployments/" in path:  # Azure: the deployment names the model

@@ -29,6 +29,7 @@ MODELS = {
     "cut": "m@tokens=20,cut=10,tag=ccut",
     "err": "m@status=400,tag=cerr",
     "slow": "m@tokens=40,pace=0.05,tag=cslow",
+    "sem": "m@tokens=6,ttft=0.05,pace=0.02,tag=csem",
 }
 
 
@@ -47,7 +48,13 @@ def chain(fake, tmp_path_factory):
             public: {"name": public, "provider": "openai", "model": model, "base_url": f"http://{fake.address}/v1", "key": "env:CACHE_KEY"}
             for public, model in MODELS.items()
         },
-        "cache": {"pace": "recorded", "ttl_s": 600},
+        "cache": {
+            "pace": "recorded",
+            "ttl_s": 600,
+            "models": {"sem": {"semantic": True}},
+            # the fake's embeddings are bags of words: the same words in another case hit
+            "embeddings": {"provider": "openai", "base_url": f"http://{fake.address}/v1", "model": "embed-x", "key": "env:CACHE_KEY"},
+        },
     }
     path = tmp_path_factory.mktemp("cache") / "llmproxy.yaml"
     path.write_text(json.dumps(config))
@@ -254,3 +261,17 @@ async def test_hits_misses_entries_and_bytes_in_metrics_and_the_request_log(chai
     while await cache_hits_logged() < 1:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
+
+
+async def test_semantic_hit_through_the_chain_with_an_embeddings_api(chain, fake):
+    tag = unique("x").split("[")[1].rstrip("]")
+    live = await ask(chain, "sem", f"What is the capital of France, {tag}?")
+    before = counts(fake)["csem"]
+    hit = await ask(chain, "sem", f"what is the capital of France {tag}")
+    assert counts(fake)["csem"] == before
+    assert hit[0]["cache"]["kind"] == "semantic" and hit[0]["cache"]["score"] > 0.99
+    assert hit[-1]["cache"]["kind"] == "semantic" and pieces(hit) == pieces(live)
+    near = await ask(chain, "sem", f"What is the capital of Germany, {tag}?")  # the guard: another name
+    assert "cache" not in near[0] and counts(fake)["csem"] == before + 1
+    other_params = await ask(chain, "sem", f"what is the capital of France {tag}", max_tokens=50)  # another scope
+    assert "cache" not in other_params[0]
