@@ -171,6 +171,10 @@ class SqliteStore:
         return removed
 
     def _evict(self, now_s: float) -> None:
+        # Recount first: another process (python -m server.cache.cli delete) may have deleted rows
+        # of a file store. A miss already cost a provider call; a count is a fraction of a ms.
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+        self._entries, self._bytes = int(row[0]), int(row[1])
         expired = [r[0] for r in self._db.execute("SELECT key FROM entries WHERE expires <= ?", (now_s,))]
         self._expired += self._remove(expired)
         while self._entries > self._max_entries or self._bytes > self._max_bytes:
