@@ -275,3 +275,20 @@ async def test_semantic_hit_through_the_chain_with_an_embeddings_api(chain, fake
     assert "cache" not in near[0] and counts(fake)["csem"] == before + 1
     other_params = await ask(chain, "sem", f"what is the capital of France {tag}", max_tokens=50)  # another scope
     assert "cache" not in other_params[0]
+
+
+async def test_python_client_cache_controls_and_flags(chain, fake):
+    from llmproxy_client import LLMProxyClient
+
+    prompt = unique("Python client")
+    async with LLMProxyClient(chain.server.address) as client:
+        async def ask_py(**kw):
+            handle = client.stream(model="c", messages=[{"role": "user", "content": prompt}], **kw)
+            text = "".join([t async for t in handle])
+            return handle, text, await handle.result()
+
+        _, live_text, _ = await ask_py()
+        handle, text, done = await ask_py()
+        assert handle.started.cache.kind == "exact" and done.cache.kind == "exact" and text == live_text
+        handle, _, done = await ask_py(cache={"skip_read": True})
+        assert not handle.started.HasField("cache") and not done.HasField("cache")
