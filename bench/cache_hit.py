@@ -31,7 +31,7 @@ PARAPHRASES = [
     ("How do I reverse a list in Python?", "How can I reverse a list in Python?"),
     ("How do I delete a git branch?", "How can I delete a git branch?"),
     ("What is the tallest building in the world?", "What's the world's tallest building?"),
-    ("How do I center a div in CSS?", "How can I center a div with CSS?"),
+    ("How many calories are in a banana?", "How many calories does a banana have?"),
     ("Is a tomato a fruit?", "Is the tomato a fruit?"),
 ]
 

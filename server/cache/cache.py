@@ -46,7 +46,7 @@ log = logging.getLogger("llmproxy.cache")
 # The default similarity threshold of the semantic cache: with the near-miss guard, it keeps
 # false hits under 1 % on tests/data/semantic_pairs.jsonl for the local model (python -m
 # server.cache.quality prints the table).
-DEFAULT_THRESHOLD = 0.95
+DEFAULT_THRESHOLD = 0.80
 
 
 class Pace(enum.Enum):

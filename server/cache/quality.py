@@ -19,7 +19,7 @@ from server.cache.cache import DEFAULT_THRESHOLD
 from server.cache.embeddings import build_embedder
 from server.cache.guard import same_specifics
 
-THRESHOLDS = (0.80, 0.85, 0.90, 0.92, DEFAULT_THRESHOLD, 0.97)
+THRESHOLDS = (0.60, 0.70, 0.75, DEFAULT_THRESHOLD, 0.85, 0.90, 0.95)
 
 
 async def scores(pairs: list[dict[str, object]], section: dict[str, object]) -> list[float]:

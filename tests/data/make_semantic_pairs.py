@@ -117,16 +117,72 @@ BASES = [
 ]
 
 
-def main() -> None:
-    out = Path(__file__).with_name("semantic_pairs.jsonl")
+# Written after the guard was tuned on BASES, and never tuned on: an honest estimate.
+HELD_OUT = [
+    ("What is the capital of Australia?", ["Which city is Australia's capital?", "Tell me the capital of Australia.", "What's the capital city of Australia?"],
+     [("entity", "What is the capital of Austria?"), ("entity", "What is the largest city of Australia?"), ("language", "Was ist die Hauptstadt von Australien?"), ("negation", "Why is Sydney not the capital of Australia?")]),
+    ("How do I read a file line by line in Python?", ["How can I read a file line by line in Python?", "Python: read a file line by line?", "What's the way to read a file line by line in Python?"],
+     [("entity", "How do I write a file line by line in Python?"), ("entity", "How do I read a file line by line in Java?"), ("entity", "How do I read a file word by word in Python?"), ("negation", "How do I read a file in Python without loading it line by line?")]),
+    ("What is 7 plus 8?", ["How much is 7 plus 8?", "Compute 7 plus 8.", "What's 7 plus 8?"],
+     [("number", "What is 7 plus 9?"), ("number", "What is 17 plus 8?"), ("entity", "What is 7 minus 8?"), ("entity", "What is 7 times 8?")]),
+    ("Who discovered penicillin?", ["Which scientist discovered penicillin?", "Who was the discoverer of penicillin?", "Tell me who discovered penicillin."],
+     [("entity", "Who discovered insulin?"), ("entity", "Who discovered radium?"), ("entity", "When was penicillin discovered?"), ("language", "Qui a découvert la pénicilline ?")]),
+    ("How do I make cold brew coffee?", ["How can I make cold brew coffee?", "What is the way to make cold brew coffee?", "Cold brew coffee: how do I make it?"],
+     [("entity", "How do I make iced tea?"), ("entity", "How do I make espresso coffee?"), ("entity", "How do I store cold brew coffee?"), ("language", "Wie mache ich Cold Brew Kaffee?")]),
+    ("What is the melting point of iron?", ["At what temperature does iron melt?", "What's the melting point of iron?", "Iron melts at what temperature?"],
+     [("entity", "What is the melting point of gold?"), ("entity", "What is the boiling point of iron?"), ("entity", "What is the melting point of ice?"), ("language", "Quel est le point de fusion du fer ?")]),
+    ("List 4 benefits of regular exercise.", ["What are 4 benefits of regular exercise?", "Give me 4 benefits of regular exercise.", "Name 4 benefits of exercising regularly."],
+     [("number", "List 6 benefits of regular exercise."), ("negation", "List 4 risks of not exercising."), ("entity", "List 4 benefits of regular meditation."), ("entity", "List 4 dangers of regular exercise.")]),
+    ("When was the Eiffel Tower built?", ["In what year was the Eiffel Tower built?", "What year was the Eiffel Tower constructed?", "When did they build the Eiffel Tower?"],
+     [("entity", "When was the Statue of Liberty built?"), ("entity", "Why was the Eiffel Tower built?"), ("entity", "Where was the Eiffel Tower built?"), ("language", "Wann wurde der Eiffelturm gebaut?")]),
+    ("How do I undo the last git commit?", ["How can I undo the last git commit?", "What's the way to undo my last git commit?", "Git: undo the last commit?"],
+     [("entity", "How do I undo the last git merge?"), ("entity", "How do I amend the last git commit?"), ("number", "How do I undo the last 3 git commits?"), ("negation", "How do I keep the last git commit but not push it?")]),
+    ("Is coffee bad for your heart?", ["Is coffee harmful to the heart?", "Does coffee hurt your heart?", "Is drinking coffee bad for your heart?"],
+     [("entity", "Is tea bad for your heart?"), ("entity", "Is coffee bad for your teeth?"), ("entity", "Is coffee good for your heart?"), ("language", "¿Es el café malo para el corazón?")]),
+]
+
+
+# Written after the who/when/where/why rule (which HELD_OUT prompted) and never tuned on.
+FRESH = [
+    ("How do I convert a string to an integer in JavaScript?", ["How can I convert a string to an integer in JavaScript?", "JavaScript: converting a string to an integer?", "What's the way to turn a string into an integer in JavaScript?"],
+     [("entity", "How do I convert an integer to a string in JavaScript?"), ("entity", "How do I convert a string to an integer in Go?"), ("entity", "How do I convert a string to a float in JavaScript?"), ("negation", "How do I stop JavaScript from converting a string to an integer?")]),
+    ("What are the side effects of ibuprofen?", ["Which side effects does ibuprofen have?", "What side effects can ibuprofen cause?", "List the side effects of ibuprofen."],
+     [("entity", "What are the side effects of aspirin?"), ("entity", "What are the benefits of ibuprofen?"), ("number", "What are the side effects of 800 mg of ibuprofen?"), ("language", "Quels sont les effets secondaires de l'ibuprofène ?")]),
+    ("How many players are on a soccer team?", ["How many players does a soccer team have?", "A soccer team has how many players?", "What is the number of players on a soccer team?"],
+     [("entity", "How many players are on a basketball team?"), ("entity", "How many players are on a rugby team?"), ("entity", "How many substitutes are on a soccer team?"), ("language", "¿Cuántos jugadores hay en un equipo de fútbol?")]),
+    ("Write a short poem about the sea.", ["Compose a short poem about the sea.", "Can you write a short poem about the sea?", "Write me a short sea poem."],
+     [("entity", "Write a short poem about the mountains."), ("entity", "Write a long poem about the sea."), ("entity", "Write a short story about the sea."), ("negation", "Write a short poem that never mentions the sea.")]),
+    ("What is the GDP of Brazil?", ["What's Brazil's GDP?", "How large is the GDP of Brazil?", "Tell me the GDP of Brazil."],
+     [("entity", "What is the GDP of Argentina?"), ("entity", "What is the population of Brazil?"), ("number", "What was the GDP of Brazil in 1990?"), ("language", "Qual é o PIB do Brasil?")]),
+    ("How do I clean a cast iron pan?", ["How should I clean a cast iron pan?", "What's the best way to clean a cast iron pan?", "Cleaning a cast iron pan: how?"],
+     [("entity", "How do I season a cast iron pan?"), ("entity", "How do I clean a nonstick pan?"), ("negation", "What should I never use to clean a cast iron pan?"), ("entity", "How do I clean a cast iron grill?")]),
+    ("Who won the 2018 FIFA World Cup?", ["Which team won the 2018 FIFA World Cup?", "Who was the winner of the 2018 FIFA World Cup?", "Tell me who won the 2018 FIFA World Cup."],
+     [("number", "Who won the 2014 FIFA World Cup?"), ("number", "Who won the 2022 FIFA World Cup?"), ("entity", "Who hosted the 2018 FIFA World Cup?"), ("entity", "Who won the 2018 Rugby World Cup?")]),
+    ("Explain the difference between a virus and a bacterium.", ["What is the difference between a virus and a bacterium?", "How does a virus differ from a bacterium?", "Explain how a virus and a bacterium differ."],
+     [("entity", "Explain the difference between a virus and a fungus."), ("entity", "Explain the difference between a bacterium and a parasite."), ("entity", "Explain the similarity between a virus and a bacterium."), ("language", "Erkläre den Unterschied zwischen einem Virus und einem Bakterium.")]),
+    ("How long does it take to fly from London to New York?", ["How long is the flight from London to New York?", "What's the flight time from London to New York?", "How many hours is a flight from London to New York?"],
+     [("entity", "How long does it take to fly from London to Tokyo?"), ("entity", "How long does it take to sail from London to New York?"), ("entity", "How much does it cost to fly from London to New York?"), ("language", "Combien de temps dure le vol de Londres à New York ?")]),
+    ("Suggest 2 names for a coffee shop.", ["Give me 2 names for a coffee shop.", "What are 2 good names for a coffee shop?", "Can you suggest 2 coffee shop names?"],
+     [("number", "Suggest 10 names for a coffee shop."), ("entity", "Suggest 2 names for a bookshop."), ("entity", "Suggest 2 slogans for a coffee shop."), ("negation", "Suggest 2 names for a coffee shop that do not use the word coffee.")]),
+]
+
+
+def write(name: str, bases) -> None:
+    out = Path(__file__).with_name(name)
     lines = []
-    for question, paraphrases, misses in BASES:
+    for question, paraphrases, misses in bases:
         for p in paraphrases:
             lines.append({"a": question, "b": p, "label": 1, "kind": "paraphrase"})
         for kind, m in misses:
             lines.append({"a": question, "b": m, "label": 0, "kind": kind})
     out.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     print(f"{len(lines)} pairs ({sum(x['label'] for x in lines)} paraphrases) -> {out}")
+
+
+def main() -> None:
+    write("semantic_pairs.jsonl", BASES)
+    write("semantic_pairs_heldout.jsonl", HELD_OUT)
+    write("semantic_pairs_fresh.jsonl", FRESH)
 
 
 if __name__ == "__main__":

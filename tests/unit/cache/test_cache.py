@@ -18,7 +18,9 @@ from server.core.request import CacheControl, ChatMessage, ChatRequest
 from server.core.session import StartUpstream
 from server.providers.base import DeploymentInfo
 
-PAIRS = Path(__file__).parents[2] / "data" / "semantic_pairs.jsonl"
+DATA = Path(__file__).parents[2] / "data"
+# the shipped set, one held out while the guard was tuned, and one written after the last change
+PAIR_FILES = ("semantic_pairs.jsonl", "semantic_pairs_heldout.jsonl", "semantic_pairs_fresh.jsonl")
 
 
 class FakeBackend:
@@ -113,8 +115,8 @@ async def test_a_paraphrase_hits_semantically_and_a_near_miss_does_not(embedder)
 
 
 def test_near_misses_of_the_labelled_set_do_not_hit_at_the_default_threshold(embedder):
-    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines()]
-    assert len(pairs) >= 300
+    pairs = [json.loads(line) for name in PAIR_FILES for line in (DATA / name).read_text().splitlines()]
+    assert len(pairs) >= 500
     negatives = [p for p in pairs if p["label"] == 0]
     positives = [p for p in pairs if p["label"] == 1]
 
@@ -124,4 +126,4 @@ def test_near_misses_of_the_labelled_set_do_not_hit_at_the_default_threshold(emb
 
     false_hits = sum(hits(p) for p in negatives)
     assert false_hits / len(negatives) <= 0.01, false_hits
-    assert sum(hits(p) for p in positives) >= 0.2 * len(positives)  # and it still hits paraphrases
+    assert sum(hits(p) for p in positives) >= 0.4 * len(positives)  # and it still hits paraphrases
