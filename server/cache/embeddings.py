@@ -3,12 +3,12 @@ provider's embeddings API. Every embedder returns a unit-length vector."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import numpy as np
 
 from server.errors import UpstreamServerError, UpstreamTimeout
 from server.providers.adapter import Secret
@@ -22,9 +22,9 @@ class Embedder(Protocol):
 
 
 def _unit(values: Any) -> tuple[float, ...]:
-    floats = [float(v) for v in values]
-    norm = math.sqrt(math.fsum(v * v for v in floats)) or 1.0
-    return tuple(v / norm for v in floats)
+    vector = np.asarray(values, dtype=np.float64)
+    norm = float(np.linalg.norm(vector)) or 1.0
+    return tuple((vector / norm).tolist())
 
 
 class LocalEmbedder:
