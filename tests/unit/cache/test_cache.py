@@ -13,7 +13,7 @@ from server.cache.guard import same_specifics
 from server.cache.key import exact_key
 from server.cache.store import SqliteStore, StoredEntry
 from server.catalog import Catalog
-from server.core.events import Finished, FinishReason, Routed, TextDelta, UsageReport
+from server.core.events import Finished, FinishReason, Routed, TextDelta, ToolCallDelta, UsageReport
 from server.core.request import CacheControl, ChatMessage, ChatRequest
 from server.core.session import StartUpstream
 from server.providers.base import DeploymentInfo
@@ -127,3 +127,53 @@ def test_near_misses_of_the_labelled_set_do_not_hit_at_the_default_threshold(emb
     false_hits = sum(hits(p) for p in negatives)
     assert false_hits / len(negatives) <= 0.01, false_hits
     assert sum(hits(p) for p in positives) >= 0.4 * len(positives)  # and it still hits paraphrases
+
+
+class ToolUpstream(Upstream):
+    async def __call__(self, request: ChatRequest):
+        self.calls += 1
+        yield Routed("fake", "m-upstream", "m")
+        yield ToolCallDelta(0, "call_1", "lookup", "{}")
+        yield Finished(FinishReason.TOOL_CALLS)
+
+
+async def test_tool_call_answers_are_stored_only_when_configured():
+    for allowed, calls in ((False, 2), (True, 1)):
+        cache, upstream = make_cache(tool_calls=allowed), ToolUpstream()
+        for _ in range(2):
+            await run(cache, upstream, request("call a tool"))
+        assert upstream.calls == calls
+
+
+async def test_a_request_ttl_shortens_the_entry_and_never_lengthens_it():
+    now = [1000.0]
+    settings = CacheSettings(pace=Pace.INSTANT, ttl_s=100)
+    cache = ResponseCache(settings, SqliteStore(), Catalog({"m": [FakeBackend("m")]}), clock=lambda: now[0], sleep=noop_sleep)
+    upstream = Upstream()
+    await run(cache, upstream, request("short"), control=CacheControl(ttl_s=10))
+    await run(cache, upstream, request("long"), control=CacheControl(ttl_s=10_000))
+    now[0] += 50
+    await run(cache, upstream, request("short"))
+    assert upstream.calls == 3  # expired after 10 s
+    await run(cache, upstream, request("long"))
+    assert upstream.calls == 3  # still there after 50 s
+    now[0] += 60
+    await run(cache, upstream, request("long"))
+    assert upstream.calls == 4  # capped at the configured 100 s
+
+
+async def test_recorded_pace_sleeps_the_recorded_gaps_and_instant_does_not():
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    for pace, expected in ((Pace.RECORDED, [0, 0.01, 0.02, 0.03]), (Pace.INSTANT, [0, 0, 0, 0])):
+        slept.clear()
+        cache = ResponseCache(CacheSettings(pace=pace), SqliteStore(), Catalog({"m": [FakeBackend("m")]}), sleep=sleep)
+        from server.cache.recording import CachedAnswer
+
+        answer = CachedAnswer("fake", "u", "m", ((500_000, TextDelta("a")), (10_000, TextDelta("b")), (20_000, TextDelta("c")), (30_000, Finished(FinishReason.STOP))))
+        events = [e async for e in cache.replay(answer, "exact", 1.0)]
+        assert [type(e).__name__ for e in events] == ["Routed", "TextDelta", "TextDelta", "TextDelta", "Finished"]
+        assert slept == expected  # the first event at once, not after the recorded 0.5 s
