@@ -61,8 +61,8 @@ def _pack(vector: tuple[float, ...]) -> bytes:
     return struct.pack(f"<{len(vector)}f", *vector)
 
 
-def _unpack(data: bytes) -> tuple[float, ...]:
-    return struct.unpack(f"<{len(data) // 4}f", data) if data else ()
+def _unpack(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
 class SqliteStore:
@@ -84,7 +84,8 @@ class SqliteStore:
         self._expired = 0
         # scope -> key -> (vector, expires_s): the in-process vector index, and per scope its
         # vectors as one matrix (rebuilt after a change) for one matrix-vector product per lookup
-        self._index: dict[str, dict[str, tuple[tuple[float, ...], float]]] = {}
+        # (vectors as float32 arrays: 1 KiB for 256 dimensions, what max_bytes counts)
+        self._index: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
         self._matrices: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
         for key, scope, vector, expires in self._db.execute("SELECT key, scope, vector, expires FROM entries WHERE scope != ''"):
             self._index.setdefault(scope, {})[key] = (_unpack(vector), expires)
@@ -114,7 +115,7 @@ class SqliteStore:
         self._entries += 1
         self._bytes += size
         if entry.scope and entry.vector:
-            self._index.setdefault(entry.scope, {})[entry.key] = (entry.vector, entry.expires_s)
+            self._index.setdefault(entry.scope, {})[entry.key] = (np.asarray(entry.vector, dtype=np.float32), entry.expires_s)
             self._matrices.pop(entry.scope, None)
         self._evict(now_s)
 
@@ -127,7 +128,7 @@ class SqliteStore:
             keys = [k for k, (v, _) in entries.items() if len(v) == len(vector)]
             if not keys:
                 return None
-            matrix = np.array([entries[k][0] for k in keys], dtype=np.float32)
+            matrix = np.stack([entries[k][0] for k in keys])
             expires = np.array([entries[k][1] for k in keys], dtype=np.float64)
             built = self._matrices[scope] = (keys, matrix, expires)
         keys, matrix, expires = built

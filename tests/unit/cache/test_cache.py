@@ -177,3 +177,15 @@ async def test_recorded_pace_sleeps_the_recorded_gaps_and_instant_does_not():
         events = [e async for e in cache.replay(answer, "exact", 1.0)]
         assert [type(e).__name__ for e in events] == ["Routed", "TextDelta", "TextDelta", "TextDelta", "Finished"]
         assert slept == expected  # the first event at once, not after the recorded 0.5 s
+
+
+def test_a_file_store_reloads_its_vector_index(tmp_path):
+    path = str(tmp_path / "cache.sqlite3")
+    store = SqliteStore(path)
+    store.put(StoredEntry("k", "", "m", "scope", b"payload", (0.6, 0.8), 1e12), 0.0)
+    store.close()
+    again = SqliteStore(path)
+    key, score = again.nearest("scope", (0.6, 0.8), 1.0)
+    assert key == "k" and abs(score - 1.0) < 1e-6
+    assert again.nearest("other", (0.6, 0.8), 1.0) is None
+    assert again.stats().entries == 1 and again.get("k", 1.0) == b"payload"
