@@ -21,11 +21,14 @@ from server.core.request import ChatRequest
 
 
 def _digest(kind: str, request: ChatRequest, upstream_models: Sequence[str], tenant: str) -> str:
+    fields = dataclasses.asdict(request)
+    for message in fields["messages"]:  # a prompt-cache breakpoint changes the bill, not the answer
+        del message["cache_breakpoint"]
     body = {
         "kind": kind,
         "tenant": tenant,
         "upstream": sorted(upstream_models),
-        "request": dataclasses.asdict(request),
+        "request": fields,
     }
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -38,7 +38,11 @@ def chain(fakes, tmp_path_factory):
             "claude": deployment(fakes, "anthropic", "claude-x@tokens=5,tag=plain"),
             "gpt": deployment(fakes, "openai", "gpt-x@tokens=5,cached=12,tag=gpt"),
             "gem": deployment(fakes, "gemini", "gemini-x@tokens=5,cached=9,tag=gem"),
-        }
+            # the response cache replays reasoning and tool calls as they came
+            "gem-think": deployment(fakes, "gemini", "gemini-x@scenario=thinking,tag=think"),
+            "gpt-tool": deployment(fakes, "openai", "gpt-x@scenario=tool,tag=tool"),
+        },
+        "cache": {"default": {"exact": False}, "models": {"gem-think": {"exact": True}, "gpt-tool": {"exact": True, "tool_calls": True}}},
     }
     path = tmp_path_factory.mktemp("pc") / "llmproxy.yaml"
     path.write_text(json.dumps(config))
@@ -114,3 +118,22 @@ async def test_cached_input_tokens_of_openai_and_gemini_reach_done(chain, model,
         frames = (await collect(ws, {"s"}))["s"]
     assert frames[-1]["type"] == "done", frames[-1]
     assert frames[-1]["usage"]["cached_input_tokens"] == cached
+
+
+@pytest.mark.parametrize(("model", "kind"), [("gem-think", "reasoning"), ("gpt-tool", "tool_call")])
+async def test_reasoning_and_tool_calls_replay_from_the_response_cache_as_they_came(chain, fakes, model, kind):
+    tag = {"gem-think": "think", "gpt-tool": "tool"}[model]
+    provider = {"gem-think": "gemini", "gpt-tool": "openai"}[model]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    extra = {"tools": tools} if model == "gpt-tool" else {}
+    runs = []
+    for _ in range(2):
+        async with connect(chain.ws_url) as ws:
+            await send(ws, {"type": "start", "id": "s", "model": model, "messages": [{"role": "user", "content": "Weather in Paris?"}], **extra})
+            runs.append((await collect(ws, {"s"}))["s"])
+    live, cached = runs
+    assert len(bodies(fakes[provider], tag)) == 1  # the second answer came from the cache
+    assert cached[0]["cache"]["kind"] == "exact" and "cache" not in live[0]
+    assert any(f["type"] == kind for f in live)
+    strip = lambda fs: [{k: v for k, v in f.items() if k not in ("cache", "latency", "timing", "usage", "_t")} for f in fs]
+    assert strip(cached) == strip(live)

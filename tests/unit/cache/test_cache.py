@@ -189,3 +189,9 @@ def test_a_file_store_reloads_its_vector_index(tmp_path):
     assert key == "k" and abs(score - 1.0) < 1e-6
     assert again.nearest("other", (0.6, 0.8), 1.0) is None
     assert again.stats().entries == 1 and again.get("k", 1.0) == b"payload"
+
+
+def test_a_prompt_cache_breakpoint_does_not_change_the_key():
+    marked = ChatRequest("m", (ChatMessage("system", "s", cache_breakpoint=True), ChatMessage("user", "q")))
+    plain = ChatRequest("m", (ChatMessage("system", "s"), ChatMessage("user", "q")))
+    assert exact_key(marked, ["u"], "") == exact_key(plain, ["u"], "")
