@@ -2,7 +2,7 @@
 
 A `Recorder` sees every event the runtime feeds the stream core, with the time it arrived. It
 keeps the events of the attempt that answered, with the gap before each, and yields a
-`CachedAnswer` only when the provider finished normally. Anything else (a failure, a stream cut
+`CachedAnswer` only when the provider finished normally; its phases move by `TRANSITIONS`. Anything else (a failure, a stream cut
 before the finish event, a cancel or a modify, which close the source before the finish, a
 continuation on another deployment mid-answer) leaves nothing to store.
 """
@@ -87,10 +87,38 @@ class CachedAnswer:
 
 
 class Phase(enum.Enum):
-    WAITING = "waiting"  # before the attempt that answers
-    RECORDING = "recording"
+    WAITING = "waiting"  # before an attempt answered
+    ROUTED = "routed"  # an attempt answered, no content yet (a failover restarts the recording)
+    RECORDING = "recording"  # content has arrived
     FINISHED = "finished"  # a normal finish: `answer()` has the recording
-    SPOILED = "spoiled"  # failed, or continued mid-answer: nothing to store
+    SPOILED = "spoiled"  # failed, or continued on another deployment mid-answer: nothing to store
+
+
+_CONTENT = (TextDelta, ReasoningDelta, ToolCallDelta)
+
+# Event type -> next phase; a type a phase does not list leaves it unchanged and is not recorded
+# (Attempt, AttemptEnded: routing bookkeeping, not part of the answer).
+TRANSITIONS: dict[Phase, dict[type, Phase]] = {
+    Phase.WAITING: {Routed: Phase.ROUTED, Failed: Phase.SPOILED},
+    Phase.ROUTED: {
+        Routed: Phase.ROUTED,
+        UsageReport: Phase.ROUTED,
+        **{t: Phase.RECORDING for t in _CONTENT},
+        Finished: Phase.FINISHED,
+        Failed: Phase.SPOILED,
+    },
+    Phase.RECORDING: {
+        Routed: Phase.SPOILED,  # a continuation: the answer is stitched from two attempts
+        UsageReport: Phase.RECORDING,
+        **{t: Phase.RECORDING for t in _CONTENT},
+        Finished: Phase.FINISHED,
+        Failed: Phase.SPOILED,
+    },
+    Phase.FINISHED: {},
+    Phase.SPOILED: {},
+}
+
+_RECORDED = frozenset({Phase.ROUTED, Phase.RECORDING, Phase.FINISHED})
 
 
 class Recorder:
@@ -101,33 +129,22 @@ class Recorder:
         self._last_ns = now_ns
         self._routed: Routed | None = None
         self._events: list[tuple[int, ProviderEvent]] = []
-        self._content = False
 
     def receive(self, event: StreamEvent, now_ns: int) -> None:
-        if self.phase in (Phase.FINISHED, Phase.SPOILED):
+        after = TRANSITIONS[self.phase].get(type(event))
+        if after is None:
             return
+        self.phase = after
         if isinstance(event, Routed):
-            if self._content:  # continued on another deployment mid-answer: a stitched answer
-                self.phase = Phase.SPOILED
-                return
-            self._routed = event
-            self._events.clear()
-            self.phase = Phase.RECORDING
-            self._last_ns = now_ns
+            if after is Phase.ROUTED:  # the attempt that answers (again, after a failover)
+                self._routed = event
+                self._events.clear()
+                self._last_ns = now_ns
             return
-        if isinstance(event, Failed):
-            self.phase = Phase.SPOILED
-            return
-        if self.phase is not Phase.RECORDING:
-            return
-        if isinstance(event, (TextDelta, ReasoningDelta, ToolCallDelta, UsageReport, Finished)):
+        if after in _RECORDED and not isinstance(event, Failed):
             gap_us = max(now_ns - self._last_ns, 0) // 1000
             self._last_ns = now_ns
-            self._events.append((gap_us, event))
-            if not isinstance(event, UsageReport):
-                self._content = True
-            if isinstance(event, Finished):
-                self.phase = Phase.FINISHED
+            self._events.append((gap_us, event))  # type: ignore[arg-type]
 
     def answer(self, prompt: str = "") -> CachedAnswer | None:
         if self.phase is not Phase.FINISHED or self._routed is None:

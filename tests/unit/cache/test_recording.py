@@ -100,3 +100,15 @@ def test_the_cli_deletes_a_tenants_entries(tmp_path, capsys):
     assert "deleted 1 entries" in capsys.readouterr().out
     cli(["stats", "--db", db])
     assert "entries 2" in capsys.readouterr().out
+
+
+def test_a_failover_before_content_records_the_attempt_that_answered():
+    recorder = Recorder(0)
+    recorder.receive(Routed("fake", "up-a", "a"), 0)
+    recorder.receive(UsageReport(3, 0), 1 * MS)
+    recorder.receive(Routed("fake", "up-b", "b"), 2 * MS)  # a failover before any content
+    recorder.receive(TextDelta("x"), 5 * MS)
+    recorder.receive(Finished(FinishReason.STOP), 6 * MS)
+    answer = recorder.answer()
+    assert answer is not None and answer.deployment == "b"
+    assert answer.events == ((3000, TextDelta("x")), (1000, Finished(FinishReason.STOP)))
