@@ -72,6 +72,8 @@ class SqliteStore:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
+            # A cache may lose its last writes in a power cut; no fsync per stored answer.
+            self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, tenant TEXT, model TEXT, scope TEXT,"
             " payload BLOB, vector BLOB, size INTEGER, expires REAL, used REAL)"
