@@ -9,13 +9,16 @@ PROTOS := $(wildcard protos/llmproxy/v1/*.proto)
 GRPC_ADDR ?= 127.0.0.1:50051
 BRIDGE_HOST ?= 127.0.0.1
 BRIDGE_PORT ?= 8765
+HTTP_PORT ?= 8766
 METRICS_ADDR ?= 127.0.0.1:9464
-APT_PACKAGES := chromium redis-server
+APT_PACKAGES := chromium redis-server tmux
 NPM_DIR := clients/js
+# The Node gRPC client's packages (@grpc/grpc-js, @grpc/proto-loader) and buf (@bufbuild/buf).
+NODE_DIR := clients/node
 
 PYTHON_MIN := 3.11
 
-.PHONY: check-python install install-test lock protos run test test-unit test-integration bench typecheck clean
+.PHONY: check-python install install-test lint-proto lock protos run test test-unit test-integration bench typecheck clean
 
 ## check-python: Python >= 3.11 (pyproject's requires-python), checked before anything is built,
 ## so an older python3 is named at once instead of failing late in the stub generation or pip.
@@ -70,7 +73,7 @@ $(VENV)/.stamp-install: pyproject.toml $(VENV)/.stamp-deps $(GEN)/.stamp-protos
 
 ## install-test: test extras (hash-checked, from requirements/test.lock), Debian packages
 ## (Chromium, Redis) and npm packages.
-install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp
+install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp $(NODE_DIR)/node_modules/.stamp
 
 $(VENV)/.stamp-test: requirements/test.lock $(VENV)/.stamp-install
 	$(PIP) install --quiet --require-hashes -r requirements/test.lock
@@ -99,6 +102,15 @@ $(NPM_DIR)/node_modules/.stamp: $(NPM_DIR)/package.json
 	cd $(NPM_DIR) && npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json
+	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+## lint-proto: buf lint and buf breaking (also run by `make test`, tests/unit/test_buf.py).
+lint-proto: $(NODE_DIR)/node_modules/.stamp
+	$(NODE_DIR)/node_modules/.bin/buf lint
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_buf.py
+
 # The secret bridges present on the server's Relay RPC: made once, readable by this user only.
 RELAY_TOKEN := .run/relay-token
 # Extra page origins the bridge accepts (space-separated), e.g. ALLOWED_ORIGINS=https://app.example.com
@@ -107,16 +119,18 @@ ALLOWED_ORIGINS ?=
 $(RELAY_TOKEN):
 	@mkdir -p $(dir $@) && umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
 
-## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream).
+## run: the server (gRPC on 127.0.0.1:50051) and the bridge (ws://127.0.0.1:8765/stream, and the
+## OpenAI/Anthropic-compatible HTTP APIs and SSE on http://127.0.0.1:8766, docs/http-apis.md).
 run: install $(RELAY_TOKEN)
 	@set -u; \
 	$(PY) -m server.main --listen $(GRPC_ADDR) --metrics-listen $(METRICS_ADDR) --relay-token-file $(RELAY_TOKEN) & srv=$$!; \
-	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
+	$(PY) -m bridge.main --host $(BRIDGE_HOST) --port $(BRIDGE_PORT) --http-port $(HTTP_PORT) --grpc-target $(GRPC_ADDR) --relay-token-file $(RELAY_TOKEN) \
 	    $(foreach o,$(ALLOWED_ORIGINS),--allowed-origin $(o)) & brg=$$!; \
 	trap 'kill -TERM $$srv $$brg 2>/dev/null; wait $$srv $$brg' INT TERM; \
 	echo "llmproxy: gRPC   $(GRPC_ADDR)  (grpcurl -plaintext $(GRPC_ADDR) list)"; \
 	echo "llmproxy: stream ws://$(BRIDGE_HOST):$(BRIDGE_PORT)/stream"; \
 	echo "llmproxy: chat   http://$(BRIDGE_HOST):$(BRIDGE_PORT)/   dashboard http://$(BRIDGE_HOST):$(BRIDGE_PORT)/dashboard.html"; \
+	echo "llmproxy: HTTP APIs http://$(BRIDGE_HOST):$(HTTP_PORT)/v1  (OpenAI, Anthropic base URL: docs/http-apis.md)"; \
 	echo "llmproxy: metrics http://$(METRICS_ADDR)/metrics"; \
 	echo "llmproxy: Ctrl-C stops both"; \
 	wait -n $$srv $$brg; kill -TERM $$srv $$brg 2>/dev/null; wait
@@ -143,4 +157,4 @@ bench: install-test
 	$(PY) -m bench.floor | tee bench/results/floor.txt
 
 clean:
-	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

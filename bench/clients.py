@@ -4,6 +4,8 @@
   body -> `data:` events -> orjson), the baseline a proxy is compared with.
 - `WebSocketPath`: the full chain, WebSocket -> bridge -> gRPC -> server (-> upstream).
 - `GrpcPath`: straight to the server's `Stream` RPC, skipping the bridge.
+- `ChatCompletionsPath`: the full chain through the bridge's OpenAI-compatible HTTP API
+  (`POST /v1/chat/completions`, SSE), for the workloads in bench/run.py's `CHAT_WORKLOADS`.
 
 Every path connects first, then waits on a shared barrier so that all streams of a round send
 their request at the same moment, and times from that send: connection set-up is not part of
@@ -224,6 +226,14 @@ class DirectPath:
         finally:
             writer.close()
         return tokens.record(sent, ok)
+
+
+class ChatCompletionsPath(DirectPath):
+    """The full chain through the bridge's OpenAI-compatible HTTP API: HTTP/1.1 + SSE ->
+    bridge -> relay -> server (-> upstream). The same request and reader as `DirectPath`: the
+    bridge answers in the upstream's own shape."""
+
+    name = "chat"
 
 
 # -- the chain: WebSocket -> bridge -> server ----------------------------------------------------

@@ -32,7 +32,7 @@ import grpc
 import orjson
 
 from bench import profile
-from bench.clients import DirectPath, GrpcPath, Path as ClientPath, StreamSpec, WebSocketPath, run_round
+from bench.clients import ChatCompletionsPath, DirectPath, GrpcPath, Path as ClientPath, StreamSpec, WebSocketPath, run_round
 from bench.fake_upstream import Knobs
 from bench.idle import IdleResult, run_idle
 from bench.measure import WorkloadResult, measure
@@ -42,6 +42,9 @@ from bench.workloads import Plan, StreamWorkload, plan
 from tests.support.procs import ROOT, Proc, Proxy
 
 PROBE_MODEL = "bench-probe"
+# The workloads that also run over the bridge's chat-completions API, next to the WebSocket.
+CHAT_WORKLOADS = frozenset({"i", "iii_50", "iv"})
+BRIDGE_ARGS = ("--http-port", "0")  # the HTTP APIs, on a free port
 NO_ADAPTER = "openai adapter not available"
 
 
@@ -90,10 +93,10 @@ def start_chain(
         models[PROBE_MODEL] = Knobs(tokens=3)
         cfg = stack.enter_context(config_file(proxy_config(fake.port, models)))
         try:
-            return stack.enter_context(running_proxy(pinning, ("--config", str(cfg), *server_args))), ""
+            return stack.enter_context(running_proxy(pinning, ("--config", str(cfg), *server_args), BRIDGE_ARGS)), ""
         except RuntimeError as exc:  # the server refused the config: say why, go on without
             missing = f"{NO_ADAPTER}: server did not start with the config: {str(exc).splitlines()[-1][:200]}"
-    return stack.enter_context(running_proxy(pinning, server_args)), missing
+    return stack.enter_context(running_proxy(pinning, server_args, BRIDGE_ARGS)), missing
 
 
 def paths_for(workload: StreamWorkload, fake: Proc, proxy: Proxy, channel: grpc.aio.Channel, missing: str) -> tuple[list[ClientPath], str]:
@@ -101,7 +104,11 @@ def paths_for(workload: StreamWorkload, fake: Proc, proxy: Proxy, channel: grpc.
     if workload.source == "demo":
         return [rpc, ws], ""  # reference first: issue 2 compares the chain with gRPC read directly
     direct = DirectPath("127.0.0.1", fake.port)
-    return ([direct], missing) if missing else ([direct, ws, rpc], "")
+    if missing:
+        return [direct], missing
+    if workload.key in CHAT_WORKLOADS:
+        return [direct, ws, rpc, ChatCompletionsPath("127.0.0.1", int(proxy.api_url.rsplit(":", 1)[1]))], ""
+    return [direct, ws, rpc], ""
 
 
 async def run_profile(workload: StreamWorkload, paths: list[ClientPath], proxy: Proxy, args: argparse.Namespace) -> str:

@@ -208,7 +208,10 @@ def _tool(out: pb.ToolDefinition, t: object, i: int) -> None:
     params = fn.get("parameters", {})
     if not isinstance(params, dict):
         raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"tools[{i}].function.parameters must be an object")
-    out.parameters_json = orjson.dumps(params).decode()
+    try:
+        out.parameters_json = orjson.dumps(params).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255); the server allows 64
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"tools[{i}].function.parameters nests too deeply") from None
 
 
 def _cancel(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:

@@ -10,19 +10,21 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import grpc
 
+from bridge.http_api import HttpApi, HttpConfig
 from bridge.server import Bridge, BridgeConfig
 from bridge.supervisor import Supervisor
 
 log = logging.getLogger("llmproxy.bridge")
 
 
-def parse_args(argv: list[str] | None) -> BridgeConfig:
+def parse_args(argv: list[str] | None) -> tuple[BridgeConfig, HttpConfig | None]:
     root = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(prog="llmproxy-bridge", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
     parser.add_argument("--grpc-keepalive-ms", type=int, default=30_000, help="keepalive ping interval on the relay's channel")
     parser.add_argument("--max-pending-bytes", type=int, default=1 << 20, help="unsent output one WebSocket may hold before it is cut")
     parser.add_argument("--reattach-timeout-s", type=float, default=10.0, help="how long a connection waits for the server, then fails")
+    parser.add_argument("--http-port", type=int, default=-1, help="OpenAI/Anthropic-compatible HTTP APIs (0: any free port; -1: off)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -53,6 +56,16 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
     js_dir = root.parent / "clients" / "js"
     if js_dir.is_dir():
         static["/js/"] = js_dir
+    http = None
+    if args.http_port >= 0:
+        http = HttpConfig(
+            host=args.host,
+            port=args.http_port,
+            max_body_bytes=args.max_frame_bytes,
+            max_messages=args.max_messages,
+            reattach_timeout_s=args.reattach_timeout_s,
+            max_pending_bytes=args.max_pending_bytes,
+        )
     return BridgeConfig(
         host=args.host,
         port=args.port,
@@ -72,7 +85,7 @@ def parse_args(argv: list[str] | None) -> BridgeConfig:
         grpc_keepalive_ms=args.grpc_keepalive_ms,
         max_pending_bytes=args.max_pending_bytes,
         reattach_timeout_s=args.reattach_timeout_s,
-    )
+    ), http
 
 
 def read_secret(path: str) -> str:
@@ -112,7 +125,7 @@ def run_loop(coro_factory: Callable[[], Coroutine[object, object, None]]) -> Non
         uvloop.run(coro_factory())
 
 
-async def serve(config: BridgeConfig) -> None:
+async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> None:
     options = channel_options(config.grpc_keepalive_ms)
     if config.grpc_ca:
         ca = Path(config.grpc_ca).read_bytes()
@@ -125,6 +138,16 @@ async def serve(config: BridgeConfig) -> None:
     jobs = Supervisor(log)
     jobs.start("relay", bridge.relay.run)
     jobs.start("watchdog", bridge.watchdog)
+    http: HttpApi | None = None
+    if http_config is not None:
+        http = HttpApi(http_config, bridge.relay, channel, bridge.origin_allowed)
+        tls = None
+        if config.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(config.tls_cert, config.tls_key)
+        await http.start(tls)
+        http_scheme = "https" if config.tls_cert else "http"
+        print(f"llmproxy-bridge http on {http_scheme}://{http_config.host}:{http.port}", flush=True)
     port = next(iter(server.sockets)).getsockname()[1]
     scheme = "wss" if config.tls_cert else "ws"
     print(f"llmproxy-bridge listening on {scheme}://{config.host}:{port}/stream", flush=True)
@@ -136,6 +159,8 @@ async def serve(config: BridgeConfig) -> None:
     failed = await jobs.wait_failed_or(stop)
     log.info("shutting down")
     await jobs.stop()
+    if http is not None:
+        await http.stop()
     server.close()
     await server.wait_closed()
     await channel.close()
@@ -144,8 +169,8 @@ async def serve(config: BridgeConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    run_loop(lambda: serve(config))
+    config, http_config = parse_args(argv)
+    run_loop(lambda: serve(config, http_config))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ import orjson
 from google.protobuf import json_format
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHeader
+from websockets.headers import parse_subprotocol
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
@@ -108,26 +109,41 @@ BEARER_SUBPROTOCOL_PREFIX = "llmproxy.bearer."
 # What a key may look like on the way through: RFC 7230 token characters, bounded. The server
 # decides whether it is valid; this only keeps junk out of gRPC metadata.
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9._~+/=-]{1,256}")
+# The server's text for every failed key (server/auth/policy.py UNAUTHENTICATED_MESSAGE).
+UNAUTHENTICATED_MESSAGE = "a valid API key is required (authorization: Bearer <key>)"
 
 
 _SECRET_RES = (
     (re.compile(r"(?i)(authorization:\s*)[^\r\n]*"), r"\1[redacted]"),
     (re.compile(r"(?i)(llmproxy\.bearer\.)[^\s,'\"]*"), r"\1[redacted]"),
+    (re.compile(r"(?i)(bearer\s+)[^\s,'\"]+"), r"\1[redacted]"),
+    (re.compile(r"(llmp_[0-9a-f]{12}_)[A-Za-z0-9_-]+"), r"\1[redacted]"),  # the key's own shape
 )
 
 
 class RedactCredentials(logging.Filter):
     """Scrubs keys from websockets' own log records (at DEBUG it logs every handshake
-    header, Authorization and Sec-WebSocket-Protocol included)."""
+    header, Authorization and Sec-WebSocket-Protocol included), their tracebacks too: a header
+    the HTTP parser refuses (a bare CR or NUL in `Authorization`) is quoted in the exception."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        redacted = text
-        for pattern, replacement in _SECRET_RES:
-            redacted = pattern.sub(replacement, redacted)
+        redacted = _redact(text)
         if redacted != text:
             record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[0] is not None:
+            # Formatted here, once, and redacted; handlers print exc_text when exc_info is gone.
+            record.exc_text = _redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = _redact(record.exc_text)
         return True
+
+
+def _redact(text: str) -> str:
+    for pattern, replacement in _SECRET_RES:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class BadCredential(Exception):
@@ -143,7 +159,7 @@ def handshake_credential(headers: Headers) -> str | None:
     for value in headers.get_all("Authorization"):
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer":
-            raise BadCredential("the Authorization header must be `Bearer <key>`")
+            raise BadCredential(UNAUTHENTICATED_MESSAGE)
         found.append(token)
     for value in headers.get_all("Sec-WebSocket-Protocol"):
         for item in value.split(","):
@@ -153,7 +169,8 @@ def handshake_credential(headers: Headers) -> str | None:
     if not found:
         return None
     if len(found) > 1 or not _CREDENTIAL_RE.fullmatch(found[0]):
-        raise BadCredential("one well-formed API key is expected")
+        # The server's answer to an unknown key, word for word: a probe cannot tell them apart.
+        raise BadCredential(UNAUTHENTICATED_MESSAGE)
     return found[0]
 
 
@@ -526,11 +543,12 @@ class Bridge:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        text = "text/plain; charset=utf-8"
         if path in ("/stream", "/stats"):
             origins = request.headers.get_all("Origin")
             if len(origins) > 1:
                 log.warning("refused a WebSocket handshake with %d Origin headers", len(origins))
-                return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
+                return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", text)
             if origins and not self.origin_allowed(origins[0]):
                 log.warning(
                     "refused a WebSocket handshake from Origin %r; to allow it, start the bridge with --allowed-origin %s "
@@ -538,18 +556,31 @@ class Bridge:
                     origins[0][:200],
                     origins[0][:200],
                 )
-                return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
+                return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", text)
+            try:
+                for value in request.headers.get_all("Sec-WebSocket-Protocol"):
+                    parse_subprotocol(value)
+            except InvalidHeader:
+                # websockets would answer quoting the header, which may carry a key.
+                return _response(http.HTTPStatus.BAD_REQUEST, b"invalid Sec-WebSocket-Protocol header\n", text)
             return None  # go on with the WebSocket handshake
-        if path == "/healthz":  # liveness: the process serves
-            return _response(http.HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
-        if path == "/readyz":  # readiness: the relay to the server is open (load balancers)
+        if request.method not in ("GET", "HEAD"):
+            response = _response(http.HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", text)
+            response.headers["Allow"] = "GET, HEAD"
+        elif path == "/healthz":  # liveness: the process serves
+            response = _response(http.HTTPStatus.OK, b"ok\n", text)
+        elif path == "/readyz":  # readiness: the relay to the server is open (load balancers)
             if self.relay.up:
-                return _response(http.HTTPStatus.OK, b"ready\n", "text/plain; charset=utf-8")
-            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"the relay to the server is not open\n", "text/plain; charset=utf-8")
-        found = self._static.get(path)
-        if found is None:
-            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
-        return _response(http.HTTPStatus.OK, *found)
+                response = _response(http.HTTPStatus.OK, b"ready\n", text)
+            else:
+                response = _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"the relay to the server is not open\n", text)
+        elif (found := self._static.get(path)) is not None:
+            response = _response(http.HTTPStatus.OK, *found)
+        else:
+            response = _response(http.HTTPStatus.NOT_FOUND, b"not found\n", text)
+        if request.method == "HEAD":  # RFC 9110 9.3.2: the GET's headers, no content
+            response = Response(response.status_code, response.reason_phrase, response.headers, b"")
+        return response
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None

@@ -1,7 +1,9 @@
 """Server configuration: command-line settings and the deployment catalog they describe.
 
-The built-in `demo` provider is always served (models `demo`, paced like a real model, and
-`demo-fast`, unpaced, for benchmarks). Further models come from two places:
+The built-in `demo` provider serves models `demo` (paced like a real model) and `demo-fast`
+(unpaced, for benchmarks) unless `--demo off`; with API keys, only keys whose model list names
+them may use them, unless `--demo all-keys` (docs/security.md). Further models come from two
+places:
 
 - the YAML file given with `--config` (documented in docs/configuration.md, example in
   config.example.yaml), which maps public model names to one or more deployments;
@@ -44,6 +46,7 @@ from server.routing.policy import (
 )
 
 BUILTIN_MODELS = ("demo", "demo-fast")
+DEMO_MODES = ("on", "off", "all-keys")  # served (keys must name them) / not served / any key
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -63,6 +66,11 @@ class ServerConfig:
     limits: SessionLimits = field(default_factory=SessionLimits)
     shutdown_grace_s: float = 5.0
     config_path: str | None = None
+    demo: str = "on"  # one of DEMO_MODES
+
+    def keys_must_name(self) -> frozenset[str]:
+        """Models an API key may use only when its model list names them."""
+        return frozenset(BUILTIN_MODELS) if self.demo == "on" else frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +101,16 @@ def build_catalog(config: ServerConfig, environ: Mapping[str, str] | None = None
     registry = providers()
     proxy = load_config(config.config_path, registry, env) if config.config_path else ProxyConfig()
     corpus = load_corpus()
-    models: dict[str, list[Backend]] = {
-        "demo": [DemoBackend(DeploymentInfo("demo", "demo", "demo-corpus"), config.demo_pace, corpus)],
-        "demo-fast": [
+    models: dict[str, list[Backend]] = {}
+    if config.demo != "off":
+        models["demo"] = [DemoBackend(DeploymentInfo("demo", "demo", "demo-corpus"), config.demo_pace, corpus)]
+        models["demo-fast"] = [
             DemoBackend(
                 DeploymentInfo("demo-fast", "demo", "demo-corpus"),
-                DemoPace(ttft_s=0.0, tokens_per_s=0.0, jitter=0.0, seed=config.demo_pace.seed),
+                DemoPace(ttft_s=0.0, tokens_per_s=0.0, jitter=0.0, seed=config.demo_pace.seed, max_tokens=config.demo_pace.max_tokens),
                 corpus,
             )
-        ],
-    }
+        ]
     ctx = BuildContext(ClientPool(proxy.http), config.demo_pace, corpus)
     specs = list(proxy.deployments)
     if proxy.well_known:

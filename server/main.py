@@ -25,12 +25,13 @@ from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge.supervisor import Supervisor
 from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
+from server.tracing import OtlpHttpExporter, Tracer
 from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy
 from server.auth.store import KeyStore
 from server.cache.setup import build_cache
-from server.config import ConfigError, ServerConfig, build_catalog
+from server.config import DEMO_MODES, ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
 from server.routing import Router
@@ -39,6 +40,7 @@ from server.service import LLMProxyServicer, ServiceSettings
 
 log = logging.getLogger("llmproxy.server")
 
+HANDSHAKE_TIMEOUT_MS = 5_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMProxy"].full_name
 RELAY_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Relay"].full_name
 
@@ -58,6 +60,7 @@ class Options:
     relay_token_file: str = ""  # the bridges' shared secret for the Relay RPC; empty: relay off
     min_ping_interval_ms: int = 10_000  # the least gap between a client's keepalive pings
     routing_seed: int | None = None  # seeds the router's choices (tests); None: unseeded
+    otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint (server/tracing.py); empty: no tracing
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -68,6 +71,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--demo-tokens-per-s", type=float, default=40.0, help="demo pace; 0 = unpaced")
     parser.add_argument("--demo-jitter", type=float, default=0.3, help="demo relative jitter per gap")
     parser.add_argument("--demo-seed", type=int, default=0)
+    parser.add_argument("--demo", choices=DEMO_MODES, default="on", help="built-in demo models: on (keys must name them), off, all-keys")
     parser.add_argument("--max-streams", type=int, default=32, help="concurrent streams per call")
     parser.add_argument("--shutdown-grace-s", type=float, default=5.0)
     parser.add_argument("--resume-grace-s", type=float, default=30.0, help="streams outlive a dropped connection this long")
@@ -90,6 +94,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--grpc-min-ping-interval-ms", type=int, default=10_000, help="clients may send keepalive pings this often (bridges: 30 s)"
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--otlp-endpoint", default="", help="send OpenTelemetry traces (OTLP/HTTP JSON) here, e.g. http://127.0.0.1:4318/v1/traces; empty: off")
     parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -103,6 +108,7 @@ def parse_args(argv: list[str] | None) -> Options:
         limits=SessionLimits(max_streams=args.max_streams),
         shutdown_grace_s=args.shutdown_grace_s,
         config_path=args.config,
+        demo=args.demo,
     )
     service = ServiceSettings(
         limits=replace(config.limits, heartbeat_interval_s=args.heartbeat_interval_s, stall_threshold_s=args.stall_threshold_s),
@@ -127,6 +133,7 @@ def parse_args(argv: list[str] | None) -> Options:
         relay_token_file=args.relay_token_file,
         min_ping_interval_ms=args.grpc_min_ping_interval_ms,
         routing_seed=args.routing_seed,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
@@ -156,6 +163,9 @@ def server_options(min_ping_interval_ms: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        # A connection that has not completed its HTTP/2 preface (and TLS) by then is closed
+        # (the default held silent connections for about a minute).
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ]
 
 
@@ -199,8 +209,10 @@ async def serve(options: Options) -> None:
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
     analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
     analytics.live.watch_routing(router)  # failed attempts, retries and failovers on the dashboard
+    if options.otlp_endpoint:
+        analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
-    auth = AuthPolicy(key_store) if key_store is not None else None
+    auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
     cache = build_cache(config.config_path, catalog)  # issue 16: the response cache (None without `cache:`)
     if cache is not None:
         metrics.watch_cache(cache)
@@ -239,6 +251,8 @@ async def serve(options: Options) -> None:
     jobs.start("expire-sessions", servicer.expire_sessions)
     jobs.start("keep-alive", servicer.keep_alive)
     jobs.start("report", servicer.report)
+    if auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
+        jobs.start("revocations", lambda: auth.watch(servicer.cancel_key_streams))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -251,6 +265,8 @@ async def serve(options: Options) -> None:
     await servicer.aclose()
     await catalog.aclose()
     await analytics.flush()
+    if analytics.tracer is not None:
+        await analytics.tracer.aclose()
     if request_log is not None:
         request_log.close()
     if key_store is not None:

@@ -46,6 +46,18 @@ KICK_CODE: dict[Kick, int] = {
     Kick.SLOW_CLIENT: CODE_TO_PROTO[Code.SLOW_READER],
 }
 _CLOSE = pb.ClientFrame(close=pb.Close())
+# The client APIs a bridge may name in `RelayOpen.api` (analytics labels: a fixed set, so a
+# bridge cannot grow the metrics without bound); anything else is counted as "other".
+KNOWN_APIS = frozenset({"websocket", "sse", "openai.chat_completions", "openai.responses", "anthropic.messages"})
+
+
+def api_label(api: str) -> str:
+    """The analytics label of a relayed connection's `RelayOpen.api`."""
+    if not api:
+        return "websocket"
+    return api if api in KNOWN_APIS else "other"
+
+
 # A batch to the bridge is closed past this size (the bridge accepts messages up to 64 MiB).
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
@@ -100,16 +112,16 @@ class RelayCall:
     async def run(self) -> None:
         await self._context.write(pb.RelayDown())  # accepted: the bridge may count on this call
         writer = asyncio.create_task(self._write_loop())
+        reader = asyncio.create_task(self._read_loop())
         try:
-            reader = asyncio.create_task(self._read_loop())
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            reader.cancel()
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            reader.cancel()
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await asyncio.shield(asyncio.gather(reader, writer, return_exceptions=True))
             for connection in list(self._conns.values()):
                 self._release(connection)
             self._conns.clear()
@@ -151,7 +163,7 @@ class RelayCall:
             return
         try:
             principal = self._service.authenticate_credential(open_.credential)
-            runtime = self._service.open_session(principal.key_id if principal else "")
+            runtime = self._service.open_session(principal.key_id if principal else "", api_label(open_.api))
         except ProxyError as exc:
             self._refuse(conn, exc)
             return
@@ -210,6 +222,8 @@ class RelayCall:
                     conn = connection.conn
                     for frame in runtime.session.frames_to_send(now_ns):
                         entries.add(conn=conn, frame=frame)
+                    if runtime.session.has_output():
+                        connection.notify()  # a replay goes out in pieces: more next turn
                     if len(entries) - checked >= 256:  # a long backlog: stay under the bridge's limit
                         checked = len(entries)
                         if batch.ByteSize() > MAX_BATCH_BYTES:

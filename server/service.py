@@ -33,15 +33,18 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
-from server.auth.policy import AuthPolicy, Principal
+from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
+from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
+from server.auth.tenancy import tenant_view, watching
 from server.cache.cache import ResponseCache
 from server.catalog import Catalog
-from server.core.events import Failed, StreamEvent
+from server.core.events import Attempt, Failed, Routed, StreamEvent
 from server.core.registry import SessionRegistry
 from server.core.session import CancelUpstream, Session, StartUpstream, StreamRecord
 from server.core.session_limits import SessionLimits
-from server.errors import InternalError, ProxyError, StreamCut
+from server.errors import InternalError, ProxyError, StreamCut, Unauthenticated
 from server.routing import Router
+from server.tracing import TraceContext, Tracer, traceparent_of
 
 log = logging.getLogger("llmproxy.server")
 
@@ -78,20 +81,23 @@ class Attachment(Protocol):
 class SessionRuntime:
     """Drives one session's upstream work."""
 
-    def __init__(self, session: Session, router: Router, cache: ResponseCache | None = None) -> None:
+    def __init__(self, session: Session, router: Router, tracer: Tracer | None = None, cache: ResponseCache | None = None) -> None:
         self.session = session
         self._router = router
-        self._cache = cache
+        self._cache = cache  # the response cache (server/cache/); None: off
+        self.tracer = tracer  # OpenTelemetry (server/tracing.py); None: off
+        self.trace_parent: TraceContext | None = None  # the client's traceparent, if it sent one
         self._upstreams: dict[str, asyncio.Task[None]] = {}
         self.owner: Attachment | None = None
-        # The key's models and limits, checked before a start reaches the session (auth on).
-        self.admit: Callable[[pb.StartStream], ProxyError | None] | None = None
+        # The key's models and limits, checked before a start or modify reaches the session
+        # (auth on): each is a new provider request (server/auth/admission.py).
+        self.admit: Callable[[pb.ClientFrame], ProxyError | None] | None = None
 
     def feed_frame(self, frame: pb.ClientFrame) -> None:
-        if self.admit is not None and frame.WhichOneof("kind") == "start":
-            refused = self.admit(frame.start)
+        if self.admit is not None and frame.WhichOneof("kind") in ADMITTED:
+            refused = self.admit(frame)
             if refused is not None:  # an error with seq 0, before any upstream call
-                self.session.reject(frame.start.stream_id, refused)
+                self.session.reject(stream_id_of(frame), refused)
                 self.wake()
                 return
         self.session.receive_frame(frame, time.monotonic_ns())
@@ -99,6 +105,9 @@ class SessionRuntime:
 
     def feed_event(self, stream_id: str, event: StreamEvent) -> bool:
         """Feeds one event of a live stream; returns whether the stream is still live."""
+        if self.admit is not None and type(event) is Routed and self.session.has_content(stream_id):
+            refused = self.admit(continuation(stream_id))  # a continuation is a provider request too
+            event = event if refused is None else Failed(refused)
         live = self.session.receive_event(stream_id, event, time.monotonic_ns())
         owner = self.owner
         if owner is not None:
@@ -129,22 +138,34 @@ class SessionRuntime:
 
     async def _run_upstream(self, action: StartUpstream) -> None:
         stream_id, session = action.stream_id, self.session
+        tracer = self.tracer
+        trace = tracer.begin_stream(session.id, stream_id, self.trace_parent) if tracer else None
+        attempt_error: str | None = "cancelled"  # until the upstream work ends otherwise
         try:
             source = self._router.stream(action.request) if self._cache is None else self._cache.stream(self._router.stream, action, session.owner)
             async with aclosing(source) as events:
                 async for event in events:
+                    if tracer and trace and isinstance(event, Attempt):  # a retry or failover replaces a failed one
+                        tracer.begin_attempt(trace, event.provider, event.upstream_model, event.deployment)
                     if not self.feed_event(stream_id, event):
+                        attempt_error = None
                         return
+            attempt_error = None
             if session.is_live(stream_id):  # the provider ended without a finish event
+                attempt_error = "stream_cut"
                 self.feed_event(stream_id, Failed(StreamCut("the provider's stream ended early")))
         except ProxyError as exc:
+            attempt_error = exc.code.name.lower()
             if session.is_live(stream_id):
                 self.feed_event(stream_id, Failed(exc))
         except Exception:
+            attempt_error = "internal"
             log.error("stream failed with an internal error", exc_info=True)
             if session.is_live(stream_id):
                 self.feed_event(stream_id, Failed(InternalError()))
         finally:
+            if tracer and trace:
+                tracer.end_attempt(trace, attempt_error)
             if self._upstreams.get(stream_id) is asyncio.current_task():
                 del self._upstreams[stream_id]
 
@@ -225,6 +246,8 @@ class Connection:
                 for frame in frames:
                     await write(frame)
                 self.write_since_ns = 0
+                if session.has_output():
+                    self.notify()  # a replay goes out in pieces (Session.frames_to_send)
             if not self._reading and session.live_streams == 0 and not session.has_output():
                 return
 
@@ -288,11 +311,11 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             self._runtimes.pop(runtime.session.id, None)
             self._forget(runtime.session)
 
-    def open_session(self, owner: str) -> SessionRuntime:
-        """A fresh session of `owner` (an API key id, "" without keys), not yet attached.
-        Raises `TooManySessions`."""
-        session = self._registry.create(time.monotonic_ns(), owner)
-        runtime = SessionRuntime(session, self._router, self._cache)
+    def open_session(self, owner: str, api: str = "grpc") -> SessionRuntime:
+        """A fresh session of `owner` (an API key id, "" without keys), not yet attached, that
+        came in through `api` (for analytics). Raises `TooManySessions`."""
+        session = self._registry.create(time.monotonic_ns(), owner, api)
+        runtime = SessionRuntime(session, self._router, self._analytics.tracer, self._cache)
         self._runtimes[session.id] = runtime
         return runtime
 
@@ -357,6 +380,14 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             self._analytics.tick(now, active, len(self._registry), tokens + self._tokens_gone)
             await self._analytics.flush()
 
+    def cancel_key_streams(self, key_id: str) -> None:
+        """The key was revoked with --cancel-streams: its sessions end, their streams fail."""
+        now = time.monotonic_ns()
+        for runtime in list(self._runtimes.values()):
+            if runtime.session.owner == key_id:
+                runtime.session.fail_all(Unauthenticated(REVOKED_MESSAGE), now)
+                runtime.apply()
+
     def _forget(self, session: Session) -> None:
         """A session leaves the server: keep its last records and its token count."""
         self._analytics.add(self._charged(session), time.monotonic_ns())
@@ -365,8 +396,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def _charged(self, session: Session) -> list[StreamRecord]:
         """Takes the session's ended-stream records, counting their tokens against its key."""
         records = session.records()
-        if self._auth is not None and records:
-            self._auth.charge(session.owner, sum(r.completion_tokens + r.reasoning_tokens for r in records))
+        abandoned = session.take_abandoned_tokens()  # generations that a modify replaced
+        if self._auth is not None and (records or abandoned):
+            self._auth.charge(session.owner, abandoned + sum(r.completion_tokens + r.reasoning_tokens for r in records))
         return records
 
     # -- authentication --------------------------------------------------------------------------
@@ -394,25 +426,18 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if principal is not None:
             assert self._auth is not None
             self._auth.open_connection(principal)
-            runtime.admit = self._admission(principal)
+            runtime.admit = self._admission(principal, runtime.session)
 
     def release_connection(self, principal: Principal | None) -> None:
         if principal is not None:
             assert self._auth is not None
             self._auth.close_connection(principal)
 
-    def _admission(self, principal: Principal) -> Callable[[pb.StartStream], ProxyError | None]:
-        """The per-start check of one key: its models, rates, budget and live streams."""
+    def _admission(self, principal: Principal, session: Session) -> Callable[[pb.ClientFrame], ProxyError | None]:
+        """The per-request check of one key: revocation, models, rates, budget, live streams."""
         auth = self._auth
         assert auth is not None
-
-        def admit(start: pb.StartStream) -> ProxyError | None:
-            live = 0
-            if principal.limits.concurrency:
-                live = sum(r.session.live_streams for r in self._runtimes.values() if r.session.owner == principal.key_id)
-            return auth.admit(principal, start.model, live)
-
-        return admit
+        return Admission(auth, principal, session, self._runtimes)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
@@ -441,7 +466,8 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             await _refuse_stream(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
         if principal is not None:
-            runtime.admit = self._admission(principal)
+            runtime.admit = self._admission(principal, runtime.session)
+        runtime.trace_parent = traceparent_of(context.invocation_metadata())
         connection = Connection(self, runtime, context)
         runtime.owner = connection
         connection.notify()  # the `session` frame
@@ -458,7 +484,8 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         return session.summary(time.monotonic_ns())
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        await self._authenticate(context)  # with keys configured, any valid key may read aggregates
+        principal = await self._authenticate(context)  # a key reads its own rows; an admin key all
+        tenant = principal.tenant() if principal is not None else None
         log_ = self._analytics.request_log
         group_by = request.group_by or "model"
         if group_by not in GROUPS:
@@ -466,15 +493,16 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if log_ is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the request log is off (server --request-log)")
         assert log_ is not None
-        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by)
+        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by, None, tenant)
         return pb.StatsResponse(rows=[pb.StatsRow(**row) for row in rows])  # type: ignore[arg-type]
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext) -> None:
-        await self._authenticate(context)
+        principal = await self._authenticate(context)
         interval_s = max(200, request.interval_ms or 1000) / 1000
-        while True:
-            await context.write(self._analytics.snapshot())
-            await asyncio.sleep(interval_s)
+        async with watching(self._auth, principal, context):  # counts as one of the key's connections
+            while True:
+                await context.write(self._analytics.snapshot(tenant_view(principal, self._runtimes.values())))
+                await asyncio.sleep(interval_s)
 
     async def DeleteCache(self, request: pb.DeleteCacheRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCacheResponse:
         principal = await self._authenticate(context)  # a key deletes its own entries only
@@ -483,10 +511,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         principal = await self._authenticate(context)
-        allowed = principal.limits.models if principal is not None else frozenset()
         models = []
         for name in self._catalog.names():
-            if allowed and name not in allowed:
+            if principal is not None and self._auth is not None and not self._auth.may_use(principal, name):
                 continue
             deployments = [
                 pb.DeploymentInfo(

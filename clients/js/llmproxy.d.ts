@@ -316,6 +316,30 @@ export interface ClientOptions {
   onStateChange?: ((state: ConnectionState, previous: ConnectionState) => void) | null;
   /** Errors about no live stream (e.g. `unavailable` before the bridge closes). */
   onError?: ((error: LLMProxyError) => void) | null;
+  /** http(s):// base URL of the bridge's HTTP port (`--http-port`), where the SSE transport is served. */
+  sseUrl?: string | null;
+  /** "auto" (default: WebSocket, SSE when one cannot open and `sseUrl` is set), "websocket" or "sse". */
+  transport?: "auto" | "websocket" | "sse";
+  /** EventSource constructor for the SSE transport; default `globalThis.EventSource`. */
+  EventSource?: new (url: string) => EventSource;
+}
+
+/** Our protocol over SSE behind a WebSocket's interface (what the client uses when `transport` is "sse"). */
+export class SseSocket {
+  constructor(baseUrl: string, options?: { EventSource?: new (url: string) => EventSource; fetch?: typeof fetch });
+  readonly url: string;
+  readonly readyState: 0 | 1 | 2 | 3;
+  /** How many times the event stream was opened (1 + reconnects of ours). */
+  readonly eventStreams: number;
+  onopen: ((event: object) => void) | null;
+  onmessage: ((event: { data: string }) => void) | null;
+  onerror: ((event: object) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  send(data: string): void;
+  /** 1000 ends the session; any other code only detaches it (it stays resumable). */
+  close(code?: number): void;
+  /** Closes the event stream (not the session) and reopens it after the last event received. */
+  dropEventStream(): void;
 }
 
 export class LLMProxyClient {
@@ -329,6 +353,8 @@ export class LLMProxyClient {
   /** Reconnect attempts so far. */
   readonly reconnects: number;
   readonly state: ConnectionState;
+  /** What the current (or next) connection uses. */
+  readonly transport: "websocket" | "sse";
   onStateChange: ClientOptions["onStateChange"];
   onError: ClientOptions["onError"];
   /** Opens the socket; rejects with `connection_failed` or `timeout`. */

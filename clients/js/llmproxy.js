@@ -29,6 +29,13 @@
 // A socket goes through phases of its own (`session` -> `resuming` -> `ready`):
 // frames the application sends wait in the outbox until the phase is `ready`.
 //
+// Where WebSockets cannot open (corporate proxies, old load balancers) the client
+// speaks the same protocol over Server-Sent Events (`SseSocket`, below: an
+// EventSource for the server's frames, a POST per client frame, on the bridge's
+// HTTP port given as `sseUrl`): by itself when a WebSocket cannot open
+// (`transport: "auto"`, the default, with `sseUrl` set), or always
+// (`transport: "sse"`). Same API, same session, same resume.
+//
 // No dependencies: browsers use their WebSocket; Node 20 needs
 // `--experimental-websocket` (Node 22 has it by default) or any constructor with
 // the browser's API passed as the `WebSocket` option.
@@ -294,6 +301,123 @@ export function backoffDelayMs(attempt, backoff = DEFAULT_BACKOFF, random = Math
   return raw * (1 + backoff.jitter * (2 * random() - 1));
 }
 
+/**
+ * Our protocol over Server-Sent Events (bridge/sse_transport.py, docs/http-apis.md), behind a
+ * WebSocket's interface (onopen, onmessage, onerror, onclose, send, close), so the client runs
+ * unchanged over it. `POST {base}/sse` opens a session; an EventSource reads its frames, each
+ * event's id being the frame's position, so the browser's own reconnect resumes the event
+ * stream through `Last-Event-ID` with nothing lost or repeated; each `send()` is a POST, one at
+ * a time, in order. `close(1000)` ends the session; any other code only detaches it (a drop).
+ * The server's end of the session arrives as an `event: close` with the WebSocket close code.
+ */
+export class SseSocket {
+  constructor(baseUrl, { EventSource = globalThis.EventSource, fetch = globalThis.fetch.bind(globalThis) } = {}) {
+    this.url = baseUrl.replace(/\/+$/, "");
+    this.readyState = 0; // CONNECTING, OPEN 1, CLOSING 2, CLOSED 3, as a WebSocket's
+    this.onopen = this.onmessage = this.onerror = this.onclose = null;
+    /** How many times the event stream was opened (1 + reconnects of ours). */
+    this.eventStreams = 0;
+    this._EventSource = EventSource;
+    this._fetch = fetch;
+    this._sid = null;
+    this._es = null;
+    this._lastId = 0;
+    this._posting = Promise.resolve();
+    this._begin();
+  }
+
+  async _begin() {
+    try {
+      const response = await this._fetch(`${this.url}/sse`, { method: "POST" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      this._sid = (await response.json()).session;
+    } catch {
+      this._finish(1006, true);
+      return;
+    }
+    if (this.readyState >= 2) {
+      this._delete(false); // closed while opening
+      return;
+    }
+    this._listen();
+  }
+
+  _listen() {
+    const query = this._lastId ? `?last_event_id=${this._lastId}` : "";
+    const es = new this._EventSource(`${this.url}/sse/${encodeURIComponent(this._sid)}${query}`);
+    this._es = es;
+    this.eventStreams += 1;
+    es.onopen = () => {
+      if (this.readyState === 0) {
+        this.readyState = 1;
+        this.onopen?.({});
+      }
+    };
+    es.onmessage = (event) => {
+      const id = Number(event.lastEventId);
+      if (id && id <= this._lastId) return; // already delivered
+      if (id) this._lastId = id;
+      this.onmessage?.({ data: event.data });
+    };
+    es.addEventListener("close", (event) => {
+      let code = 1006;
+      try {
+        code = JSON.parse(event.data).code;
+      } catch {}
+      this._finish(code, false);
+    });
+    // While the browser reconnects by itself (readyState CONNECTING) there is nothing to do;
+    // CLOSED means it gave up (an HTTP error): the session is gone from this bridge.
+    es.onerror = () => {
+      if (this._es === es && es.readyState === 2) this._finish(1006, true);
+    };
+  }
+
+  send(data) {
+    if (this.readyState !== 1) throw new Error("llmproxy: the SSE session is not open");
+    const url = `${this.url}/sse/${encodeURIComponent(this._sid)}`;
+    // text/plain: a "simple" cross-origin request, no preflight per frame.
+    this._posting = this._posting
+      .then(() => this._fetch(url, { method: "POST", body: data, headers: { "Content-Type": "text/plain;charset=UTF-8" } }))
+      .then((response) => {
+        if (!response.ok) this._finish(1006, true);
+      })
+      .catch(() => this._finish(1006, true));
+  }
+
+  close(code = 1000) {
+    if (this.readyState >= 2) return;
+    const opened = this._sid !== null;
+    this.readyState = 2;
+    this._es?.close();
+    if (opened) this._delete(code === 1000).finally(() => this._finish(code, false));
+    // else: _begin() deletes the session once it has its id
+    else setTimeout(() => this._finish(code, false), 0);
+  }
+
+  /** Closes the event stream (not the session) and opens it again after the last event
+   * received, as the browser does after a network error. For tests and demos. */
+  dropEventStream() {
+    if (this.readyState !== 1) return;
+    this._es.close();
+    this._listen();
+  }
+
+  _delete(end) {
+    const url = `${this.url}/sse/${encodeURIComponent(this._sid)}${end ? "?end=1" : ""}`;
+    return this._posting.then(() => this._fetch(url, { method: "DELETE" })).catch(() => {});
+  }
+
+  _finish(code, failed) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._es?.close();
+    this._es = null;
+    if (failed) this.onerror?.({});
+    this.onclose?.({ code, reason: "" });
+  }
+}
+
 export class LLMProxyClient {
   /**
    * @param url   ws:// or wss:// URL of a bridge's `/stream`, or a list of them
@@ -309,6 +433,11 @@ export class LLMProxyClient {
    * @param options.onStateChange    (state, previous) => void
    * @param options.onSession        (sessionFrame, {resumed}) => void, on every (re)connection
    * @param options.onError          (LLMProxyError) => void, for errors about no live stream
+   * @param options.sseUrl           http(s):// base URL of the bridge's HTTP port (`--http-port`):
+   *                                 where the SSE transport is served
+   * @param options.transport        "auto" (default: WebSocket, SSE when one cannot open and
+   *                                 `sseUrl` is set), "websocket" or "sse"
+   * @param options.EventSource      constructor for the SSE transport (default `globalThis.EventSource`)
    */
   constructor(url, options = {}) {
     this.urls = Array.isArray(url) ? [...url] : [url];
@@ -323,7 +452,21 @@ export class LLMProxyClient {
     this.onSession = options.onSession ?? null;
     this.onError = options.onError ?? null;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== "function") {
+    this._sseUrl = options.sseUrl ?? null;
+    this._transport = options.transport ?? "auto";
+    if (!["auto", "websocket", "sse"].includes(this._transport)) {
+      throw new TypeError(`llmproxy: transport must be "auto", "websocket" or "sse", not ${JSON.stringify(this._transport)}`);
+    }
+    if (this._transport !== "websocket" && this._sseUrl === null && this._transport === "sse") {
+      throw new TypeError('llmproxy: transport "sse" needs the bridge\'s HTTP URL as `sseUrl`');
+    }
+    this._EventSource = options.EventSource ?? globalThis.EventSource;
+    /** "websocket" or "sse": what the current (or next) connection uses. */
+    this.transport = this._transport === "sse" ? "sse" : "websocket";
+    if (typeof this._WebSocket !== "function" && this.transport === "websocket" && this._canFallBack()) {
+      this.transport = "sse";
+    }
+    if (typeof this._WebSocket !== "function" && this.transport === "websocket") {
       throw new TypeError(
         "llmproxy: no WebSocket constructor; pass {WebSocket} (Node 20: run with --experimental-websocket)",
       );
@@ -456,13 +599,29 @@ export class LLMProxyClient {
 
   // -- internals: one socket ----------------------------------------------------
 
+  /** Whether a WebSocket that cannot open may be replaced by the SSE transport. */
+  _canFallBack() {
+    return this._transport === "auto" && this._sseUrl !== null && typeof this._EventSource === "function";
+  }
+
+  /** A connection that never opened: over SSE next, at once, if allowed; else as any loss. */
+  _openFailed(error) {
+    if (this.transport === "websocket" && this._canFallBack()) {
+      this.transport = "sse";
+      this._detach();
+      this._open();
+      return;
+    }
+    this._socketLost(error);
+  }
+
   _open() {
-    const url = this.url;
+    const url = this.transport === "sse" ? this._sseUrl : this.url;
     let ws;
     try {
-      ws = new this._WebSocket(url);
+      ws = this.transport === "sse" ? new SseSocket(url, { EventSource: this._EventSource }) : new this._WebSocket(url);
     } catch (err) {
-      this._socketLost(new LLMProxyError("connection_failed", String(err?.message ?? err), { retryable: true }));
+      this._openFailed(new LLMProxyError("connection_failed", String(err?.message ?? err), { retryable: true }));
       return;
     }
     this._ws = ws;
@@ -487,7 +646,7 @@ export class LLMProxyClient {
       const error = new LLMProxyError("connection_failed", `cannot connect to ${url}`, { retryable: true });
       if (this._phase === "opening") {
         ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-        this._socketLost(error);
+        this._openFailed(error);
         return;
       }
       setTimeout(() => this._ws === ws && ws.onclose?.({ code: 1006 }), 1000);
@@ -500,6 +659,7 @@ export class LLMProxyClient {
               retryable: true,
             });
       if (this.state === "closing") this._socketClosed(error);
+      else if (this._phase === "opening") this._openFailed(error);
       else this._socketLost(error);
     };
   }

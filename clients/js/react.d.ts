@@ -1,11 +1,13 @@
 // TypeScript declarations for react.js.
 import type { DoneFrame, LLMProxyClient, LLMProxyError, RestartedFrame, StreamHandle, StreamRequest, ChatMessage } from "./llmproxy.js";
 
-export type LLMStreamStatus = "idle" | "waiting" | "streaming" | "done" | "cancelled" | "error";
+import type { LLMStreamStatus, LLMStreamTiming } from "./stream-state.js";
+export type { LLMStreamStatus, LLMStreamTiming };
 
 export interface LLMStream {
   text: string;
   status: LLMStreamStatus;
+  timing: LLMStreamTiming;
   error: LLMProxyError | null;
   done: DoneFrame | null;
   /** Starts a stream (cancelling the previous one if it still runs). */

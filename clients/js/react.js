@@ -18,62 +18,34 @@
 //   }
 //
 // `status`: "idle" | "waiting" (start sent) | "streaming" | "done" | "cancelled" | "error".
+// `timing`: { ttftMs, tokens, elapsedMs, tokensPerS, server } (stream-state.js).
 // The text survives reconnects (the client resumes underneath); a `modify`
 // without keepPartial empties it, and the amended answer streams in.
+
+import { createStreamController, INITIAL_STATE } from "./stream-state.js";
 
 /**
  * Builds `useLLMStream(client)` on the given React (anything with useState,
  * useRef, useCallback and useEffect: React 16.8+ or Preact's compat).
+ * The state and its moves are stream-state.js's, shared with the Vue and RxJS adapters.
  */
 export function makeUseLLMStream(React) {
   const { useState, useRef, useCallback, useEffect } = React;
 
   return function useLLMStream(client) {
-    const [state, setState] = useState({ text: "", status: "idle", error: null, done: null });
-    const handleRef = useRef(null);
+    const [state, setState] = useState(INITIAL_STATE);
+    const controllerRef = useRef(null);
+    if (controllerRef.current === null || controllerRef.current.client !== client) {
+      controllerRef.current = { client, controller: createStreamController(client, setState) };
+    }
+    const controller = controllerRef.current.controller;
 
-    const detach = () => {
-      const h = handleRef.current;
-      if (h) h.onToken = h.onRestarted = h.onStarted = null;
-      handleRef.current = null;
-    };
-
-    const start = useCallback(
-      (request) => {
-        const previous = handleRef.current;
-        detach();
-        if (previous && !previous.ended) previous.cancel();
-        const h = client.stream(request);
-        handleRef.current = h;
-        setState({ text: "", status: "waiting", error: null, done: null });
-        const mine = () => handleRef.current === h;
-        h.onStarted = () => mine() && setState((s) => ({ ...s, status: "streaming" }));
-        h.onToken = () => mine() && setState((s) => ({ ...s, status: "streaming", text: h.text }));
-        h.onRestarted = () => mine() && setState((s) => ({ ...s, status: "waiting", text: h.text }));
-        h.done.then(
-          (done) =>
-            mine() && setState({ text: h.text, status: done.finish_reason === "cancelled" ? "cancelled" : "done", error: null, done }),
-          (error) => mine() && setState({ text: h.text, status: "error", error, done: null }),
-        );
-        return h;
-      },
-      [client],
-    );
-
-    const cancel = useCallback(() => handleRef.current?.cancel(), []);
-
-    const modify = useCallback((change) => {
-      const h = handleRef.current;
-      if (!h || h.ended) return Promise.reject(new Error("llmproxy: no running stream to modify"));
-      return h.modify(change);
-    }, []);
+    const start = useCallback((request) => controller.start(request), [controller]);
+    const cancel = useCallback(() => controller.cancel(), [controller]);
+    const modify = useCallback((change) => controller.modify(change), [controller]);
 
     // Leaving the page (unmount) stops the answer: nobody is reading it.
-    useEffect(() => () => {
-      const h = handleRef.current;
-      detach();
-      if (h && !h.ended) h.cancel();
-    }, [client]);
+    useEffect(() => () => controller.dispose(), [controller]);
 
     return { ...state, start, cancel, modify };
   };

@@ -92,13 +92,15 @@ class LiveWindow:
         while self._routing and now_ns - self._routing[0][0] > WINDOW_NS:
             self._routing.popleft()
 
-    def snapshot(self, time_ms: int, active_streams: int, sessions: int) -> pb.StatsSnapshot:
-        records = [r for _, r in self._recent]
+    def snapshot(self, time_ms: int, active_streams: int, sessions: int, client: str | None = None) -> pb.StatsSnapshot:
+        """The live picture; with `client`, of that client's streams only (a tenant's view:
+        the caller passes that client's own counts, and throughput is not shown)."""
+        records = [r for _, r in self._recent if client is None or r.client == client]
         snap = pb.StatsSnapshot(
             time_ms=time_ms,
             active_streams=active_streams,
             sessions=sessions,
-            tokens_per_s=round(self.tokens_per_s, 1),
+            tokens_per_s=round(self.tokens_per_s, 1) if client is None else 0.0,
             ended_1m=len(records),
             errors_1m=sum(r.failed for r in records),
             ux_score=statistics.fmean(r.ux_score for r in records) if records else 0.0,

@@ -7,6 +7,8 @@
 - llmproxy_stream_stalls_total, llmproxy_relay_seconds (the proxy's own share per frame, p50)
 - llmproxy_active_streams, llmproxy_sessions  gauges
 - llmproxy_client_streams_total, llmproxy_client_tokens_total  per client (API key id)
+- llmproxy_api_streams_total, llmproxy_api_time_to_first_token_seconds  per client API (grpc,
+  websocket, sse, openai.chat_completions, openai.responses, anthropic.messages)
 - llmproxy_upstream_attempt_failures_total  per deployment and error code: every failed attempt
 - llmproxy_upstream_retries_total           per deployment: attempts again on a deployment the
                                             request already tried
@@ -30,7 +32,7 @@
 Labels are bounded: model and deployment come from the configuration (a stream with a model
 that is not configured is rejected before it exists), provider from the registry, status from
 the finish-reason and error-code enums, client from the key store (key ids, "anonymous" without
-keys) and only on the two per-client counters, so it does not multiply the histograms. Each
+keys) and only on the two per-client counters, api from a fixed set (server/relay.py), so it does not multiply the histograms. Each
 server has its own registry (no module globals).
 """
 
@@ -154,6 +156,13 @@ class Metrics:
         self.client_tokens = Counter(
             "llmproxy_client_tokens", "Tokens used, per client key id", ("client", "gen_ai_token_type"), registry=self.registry
         )
+        self.api_streams = Counter(
+            "llmproxy_api_streams", "Streams ended, per client API and status", ("api", "status"), registry=self.registry
+        )
+        self.api_ttft = Histogram(
+            "llmproxy_api_time_to_first_token", "Time to first token per stream, per client API", ("api",),
+            unit="seconds", buckets=_TTFT_BUCKETS, registry=self.registry,
+        )
         self.attempt_failures = Counter(
             "llmproxy_upstream_attempt_failures", "Upstream attempts that failed, per deployment and error code",
             ("deployment", "code"), registry=self.registry,
@@ -214,6 +223,10 @@ class Metrics:
             self.prompt_cache_tokens.labels(r.model, labels[1], "read").inc(r.cached_input_tokens)
         if r.cache_write_input_tokens:
             self.prompt_cache_tokens.labels(r.model, labels[1], "write").inc(r.cache_write_input_tokens)
+        api = r.api or "grpc"
+        self.api_streams.labels(api, r.status).inc()
+        if t.tokens:
+            self.api_ttft.labels(api).observe(t.ttft_us / 1e6)
         client = r.client or "anonymous"
         self.client_streams.labels(client, r.status).inc()
         if r.prompt_tokens:

@@ -23,18 +23,26 @@ _COLUMNS = (
     "tokens INTEGER, tokens_per_s REAL, itl_p50_us INTEGER, itl_p95_us INTEGER, itl_p99_us INTEGER, "
     "itl_max_us INTEGER, stalls INTEGER, relay_p50_us INTEGER, relay_max_us INTEGER, attempts INTEGER, "
     "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER, client TEXT NOT NULL DEFAULT '', "
+    "api TEXT NOT NULL DEFAULT '', "
     "cache TEXT NOT NULL DEFAULT '', cache_score REAL NOT NULL DEFAULT 0, "
     "cached_input_tokens INTEGER NOT NULL DEFAULT 0, cache_write_input_tokens INTEGER NOT NULL DEFAULT 0"
 )
 # Columns added after the first release, with their definitions (an older log gains them).
 _ADDED = {
-    "client": "TEXT NOT NULL DEFAULT ''",
+    "client": "TEXT NOT NULL DEFAULT ''",  # per-client rows
+    "api": "TEXT NOT NULL DEFAULT ''",  # per-API rows
     "cache": "TEXT NOT NULL DEFAULT ''",  # "exact" / "semantic": answered from the response cache
     "cache_score": "REAL NOT NULL DEFAULT 0",
     "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",  # read from the provider's prompt cache
     "cache_write_input_tokens": "INTEGER NOT NULL DEFAULT 0",
 }
-GROUPS = {"model": "model", "deployment": "deployment", "provider": "provider", "client": "client"}
+_INSERT = (
+    "INSERT INTO streams (ended_ms, stream_id, model, provider, deployment, status, failed, ttft_us, total_us, tokens, "
+    "tokens_per_s, itl_p50_us, itl_p95_us, itl_p99_us, itl_max_us, stalls, relay_p50_us, relay_max_us, attempts, ux_score, "
+    "prompt_tokens, completion_tokens, reasoning_tokens, client, api, cache, cache_score, cached_input_tokens, "
+    f"cache_write_input_tokens) VALUES ({', '.join('?' * 29)})"
+)
+GROUPS = {"model": "model", "deployment": "deployment", "provider": "provider", "client": "client", "api": "api"}
 
 
 class RequestLog:
@@ -61,29 +69,30 @@ class RequestLog:
                 r.timing.itl_p50_us, r.timing.itl_p95_us, r.timing.itl_p99_us, r.timing.itl_max_us,
                 r.timing.stalls, r.timing.relay_p50_us, r.timing.relay_max_us, r.timing.attempts,
                 r.ux_score, r.prompt_tokens, r.completion_tokens, r.reasoning_tokens, r.client or "anonymous",
-                r.cache, r.cache_score, r.cached_input_tokens, r.cache_write_input_tokens,
+                r.api, r.cache, r.cache_score, r.cached_input_tokens, r.cache_write_input_tokens,
             )
             for r in records
         ]
         with self._lock:
             if rows:
-                self._db.executemany(f"INSERT INTO streams (ended_ms, stream_id, model, provider, deployment, status, failed, ttft_us, total_us, "
-                    "tokens, tokens_per_s, itl_p50_us, itl_p95_us, itl_p99_us, itl_max_us, stalls, relay_p50_us, relay_max_us, "
-                    "attempts, ux_score, prompt_tokens, completion_tokens, reasoning_tokens, client, cache, cache_score, "
-                    f"cached_input_tokens, cache_write_input_tokens) VALUES ({', '.join('?' * 28)})", rows)
+                self._db.executemany(_INSERT, rows)
             if now_ms - self._last_prune_ms > 60_000:
                 self._db.execute("DELETE FROM streams WHERE ended_ms < ?", (now_ms - self._retention_ms,))
                 self._last_prune_ms = now_ms
 
-    def stats(self, window_s: int, group_by: str = "model", now_ms: int | None = None) -> list[dict[str, float | int | str]]:
-        """Aggregates per group over the window. Raises KeyError for an unknown group."""
+    def stats(
+        self, window_s: int, group_by: str = "model", now_ms: int | None = None, client: str | None = None
+    ) -> list[dict[str, float | int | str]]:
+        """Aggregates per group over the window, of one client's streams when `client` is given
+        (a tenant sees only its own). Raises KeyError for an unknown group."""
         column = GROUPS[group_by]
         since = (now_ms or int(time.time() * 1000)) - window_s * 1000
+        only = "" if client is None else " AND client = ?"
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens, cache, cached_input_tokens "
-                "FROM streams WHERE ended_ms >= ? ORDER BY 1",
-                (since,),
+                f"FROM streams WHERE ended_ms >= ?{only} ORDER BY 1",
+                (since,) if client is None else (since, client),
             ).fetchall()
         groups: dict[str, list[tuple[int, str, int, int, int, float, int, str, int]]] = {}
         for name, *rest in rows:

@@ -13,6 +13,7 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import RequestLog
 from server.core.session import StreamRecord
+from server.tracing import Tracer
 
 log = logging.getLogger("llmproxy.analytics")
 
@@ -26,9 +27,12 @@ class Analytics:
         self._pending: list[StreamRecord] = []
         self.active_streams = 0
         self.sessions = 0
+        self.tracer: Tracer | None = None  # OpenTelemetry spans of ended streams (--otlp-endpoint)
 
     def add(self, records: Iterable[StreamRecord], now_ns: int) -> None:
         batch = list(records)
+        if batch and self.tracer is not None:
+            self.tracer.end_streams(batch)
         if not batch or not self.enabled:
             return
         for record in batch:
@@ -56,5 +60,10 @@ class Analytics:
         except Exception:
             log.error("request log write failed; %d rows dropped", len(batch), exc_info=True)
 
-    def snapshot(self) -> pb.StatsSnapshot:
-        return self.live.snapshot(int(time.time() * 1000), self.active_streams, self.sessions)
+    def snapshot(self, tenant: tuple[str, int, int] | None = None) -> pb.StatsSnapshot:
+        """Every tenant's picture, or with `tenant` = (client, its live streams, its sessions)
+        that client's own."""
+        if tenant is None:
+            return self.live.snapshot(int(time.time() * 1000), self.active_streams, self.sessions)
+        client, active, sessions = tenant
+        return self.live.snapshot(int(time.time() * 1000), active, sessions, client=client)

@@ -27,11 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--connections", type=int, default=0, help="open connections at once; 0: no limit")
     create.add_argument("--budget-tokens", type=int, default=0, help="completion tokens per period; 0: no limit")
     create.add_argument("--budget-period-s", type=int, default=86_400)
+    create.add_argument("--admin", action="store_true", help="may read every key's statistics (others see only their own)")
     listing = sub.add_parser("list", help="list keys (ids and limits, no secrets)")
     listing.add_argument("--db", required=True)
     revoke = sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("--db", required=True)
     revoke.add_argument("key_id")
+    revoke.add_argument(
+        "--cancel-streams", action="store_true", help="also end the key's running streams (every server, within 1 s)"
+    )
     args = parser.parse_args(argv)
     store = KeyStore(args.db)
     try:
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 budget_tokens=args.budget_tokens,
                 budget_period_s=args.budget_period_s,
             )
-            key, record = store.create(args.name, limits)
+            key, record = store.create(args.name, limits, admin=args.admin)
             print(key)
             print(f"created key {record.key_id}; it is shown only this once", file=sys.stderr)
         elif args.command == "list":
@@ -56,15 +60,21 @@ def main(argv: list[str] | None = None) -> int:
                 l = r.limits
                 created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at))
                 print(
-                    f"{r.key_id}  {'revoked' if r.revoked else 'active '}  {created}  name={r.name!r}"
+                    f"{r.key_id}  {'revoked' if r.revoked else 'active '}  {created}  name={r.name!r}{' admin' if r.admin else ''}"
                     f" models={','.join(sorted(l.models)) or '*'} rpm={l.rpm} tpm={l.tpm} concurrency={l.concurrency}"
                     f" connections={l.connections} budget={l.budget_tokens}/{l.budget_period_s}s"
                 )
         else:
-            if not store.revoke(args.key_id):
+            if not store.revoke(args.key_id, args.cancel_streams):
                 print(f"no active key {args.key_id!r}", file=sys.stderr)
                 return 1
-            print(f"revoked {args.key_id}")
+            print(f"revoked {args.key_id}" + (" and cancelled its streams" if args.cancel_streams else ""))
+            if not args.cancel_streams:
+                print(
+                    "its open connections can start no new stream within 1 s; its running streams go on"
+                    " (revoke again with --cancel-streams to end them)",
+                    file=sys.stderr,
+                )
     finally:
         store.close()
     return 0

@@ -7,20 +7,35 @@ WebSocket handshake; it never reads identity from JSON frames). Every failure is
 or revoked. Then, per stream start, `admit` applies the key's models and limits
 (server/auth/limits.py) before anything goes upstream.
 
-The clock is injected; the store is the only I/O (one SQLite read per call).
+Revocation. A connection is authenticated once, when it opens; afterwards every admission
+(start, modify, continuation) also checks the key against the store's revocations, read at
+most every `REVOCATION_MAX_AGE_S` (a cached set, so a burst of starts costs one read), so an
+open connection's new streams are refused (`unauthenticated`) within that time of `revoke`, on
+every server process. `watch` polls the same list every `REVOCATION_POLL_S` and reports keys
+revoked with `--cancel-streams`, whose running streams the servicer then ends.
+
+The clock is injected; the store is the only I/O (one SQLite read per call, and the polls).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from server.auth.limits import KeyLimiter, KeyLimits
 from server.auth.store import MAX_KEY_CHARS, KeyStore
-from server.errors import ProxyError, Unauthenticated
+from server.errors import ForbiddenModel, ProxyError, Unauthenticated
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required (authorization: Bearer <key>)"
+REVOKED_MESSAGE = "this API key was revoked"
+REVOCATION_MAX_AGE_S = 0.5  # an admission reads the revocations again when they are older
+REVOCATION_POLL_S = 0.25  # how often `watch` reads them
+
+log = logging.getLogger("llmproxy.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +44,11 @@ class Principal:
 
     key_id: str
     limits: KeyLimits
+    admin: bool = False  # sees every tenant's statistics
+
+    def tenant(self) -> str | None:
+        """The key id whose statistics this caller may read; None: every tenant's (admin)."""
+        return None if self.admin else self.key_id
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
@@ -44,11 +64,15 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
 
 
 class AuthPolicy:
-    def __init__(self, store: KeyStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: KeyStore, clock: Callable[[], float] = time.time, keys_must_name: frozenset[str] = frozenset()) -> None:
         self._store = store
         self._clock = clock
+        self._keys_must_name = keys_must_name  # models a key's list must name (the built-in demo)
         self._limiter = KeyLimiter()
         self._limits: dict[str, KeyLimits] = {}  # key id -> limits seen at its last authentication
+        self._revoked: dict[str, bool] = {}  # key id -> cancel its streams, as last read
+        self._revoked_read_s = float("-inf")
+        self._cancelled: set[str] = set()  # keys whose streams `watch` has reported
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
         """Raises `Unauthenticated` for a missing, malformed, unknown or revoked key."""
@@ -57,7 +81,7 @@ class AuthPolicy:
         if record is None:
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         self._limits[record.key_id] = record.limits
-        return Principal(record.key_id, record.limits)
+        return Principal(record.key_id, record.limits, record.admin)
 
     def open_connection(self, principal: Principal) -> None:
         """Raises `TooManyConnections`; call `close_connection` when the call ends."""
@@ -66,8 +90,50 @@ class AuthPolicy:
     def close_connection(self, principal: Principal) -> None:
         self._limiter.close_connection(principal.key_id)
 
+    def is_revoked(self, key_id: str) -> bool:
+        """Whether the key was revoked, as read at most `REVOCATION_MAX_AGE_S` ago."""
+        if self._clock() - self._revoked_read_s >= REVOCATION_MAX_AGE_S:
+            self.read_revocations()
+        return key_id in self._revoked
+
+    def read_revocations(self) -> list[str]:
+        """Reads the store's revocations; returns the keys newly marked to have their streams
+        cancelled. A store that cannot be read keeps the last answer (and is logged)."""
+        try:
+            revoked = self._store.revocations()
+        except sqlite3.Error as exc:
+            log.warning("cannot read key revocations: %s", exc)
+            return []
+        self._revoked = revoked
+        self._revoked_read_s = self._clock()
+        new = [key_id for key_id, cancel in revoked.items() if cancel and key_id not in self._cancelled]
+        self._cancelled.update(new)
+        return new
+
+    async def watch(self, cancel_streams: Callable[[str], None], interval_s: float = REVOCATION_POLL_S) -> None:
+        """Polls the revocations forever; calls `cancel_streams(key_id)` once for each key
+        revoked with `--cancel-streams`. Cancelling it is safe."""
+        self.read_revocations()  # keys cancelled before this server started have no streams here
+        while True:
+            await asyncio.sleep(interval_s)
+            for key_id in self.read_revocations():
+                try:
+                    cancel_streams(key_id)
+                except Exception:  # a bug of ours must not end the watch for every later key
+                    log.error("cancelling the streams of revoked key %s failed", key_id, exc_info=True)
+
+    def may_use(self, principal: Principal, model: str) -> bool:
+        """Whether the key's model list allows `model` (an empty list allows every model but
+        those that must be named)."""
+        models = principal.limits.models
+        return model in models if (models or model in self._keys_must_name) else True
+
     def admit(self, principal: Principal, model: str, live_streams: int) -> ProxyError | None:
         """None if the stream may start, else the typed error to answer it with."""
+        if self.is_revoked(principal.key_id):
+            return Unauthenticated(REVOKED_MESSAGE)
+        if not self.may_use(principal, model):
+            return ForbiddenModel(f"this API key may not use model {model!r}")
         try:
             self._limiter.admit(principal.key_id, principal.limits, model, live_streams, self._clock())
         except ProxyError as exc:

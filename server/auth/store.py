@@ -7,7 +7,9 @@ goes by id, then compares the digests in constant time. Every character of a key
 HTTP token character, so browsers can carry it in `Sec-WebSocket-Protocol` (docs/security.md).
 
 Each `verify` reads the row again, so a revocation takes effect for the next connection without
-a restart (one indexed SQLite read per connection, not per token).
+a restart (one indexed SQLite read per connection, not per token). Connections already open
+learn of it through `revocations()`, which every server polls (server/auth/policy.py): a
+revocation made with `cancel_streams` also asks every server to end the key's running streams.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
     budget_tokens INTEGER NOT NULL DEFAULT 0,
     budget_period_s INTEGER NOT NULL DEFAULT 86400,
     created_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    cancel_streams INTEGER NOT NULL DEFAULT 0,
+    admin INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -52,6 +56,7 @@ class KeyRecord:
     limits: KeyLimits
     created_at: float
     revoked: bool
+    admin: bool = False  # reads every tenant's statistics (others see only their own)
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
@@ -62,18 +67,23 @@ class KeyStore:
     def __init__(self, path: str) -> None:
         self._db = sqlite3.connect(path, timeout=2.0, isolation_level=None, check_same_thread=False)
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
+        if "cancel_streams" not in columns:  # a store made before revocations could cancel
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN cancel_streams INTEGER NOT NULL DEFAULT 0")
+        if "admin" not in columns:  # a store made before the admin role
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
 
-    def create(self, name: str, limits: KeyLimits) -> tuple[str, KeyRecord]:
+    def create(self, name: str, limits: KeyLimits, admin: bool = False) -> tuple[str, KeyRecord]:
         """Makes a key; returns its plaintext (shown once, never stored) and its record."""
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         now = time.time()
         self._db.execute(
             "INSERT INTO api_keys (id, name, salt, digest, models, rpm, tpm, concurrency, connections,"
-            " budget_tokens, budget_period_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " budget_tokens, budget_period_s, created_at, admin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key_id,
                 name,
@@ -87,18 +97,29 @@ class KeyStore:
                 limits.budget_tokens,
                 limits.budget_period_s,
                 now,
+                int(admin),
             ),
         )
-        return f"{KEY_PREFIX}_{key_id}_{secret}", KeyRecord(key_id, name, limits, now, False)
+        return f"{KEY_PREFIX}_{key_id}_{secret}", KeyRecord(key_id, name, limits, now, False, admin)
 
     def list(self) -> list[KeyRecord]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
         return [_record(row) for row in rows]
 
-    def revoke(self, key_id: str) -> bool:
-        """Revokes a key by id; returns whether a live key was revoked."""
-        cur = self._db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id))
+    def revoke(self, key_id: str, cancel_streams: bool = False) -> bool:
+        """Revokes a key by id; with `cancel_streams` the servers also end its running streams
+        (allowed on a key revoked before). Returns whether anything changed."""
+        cur = self._db.execute(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?), cancel_streams = MAX(cancel_streams, ?)"
+            " WHERE id = ? AND (revoked_at IS NULL OR cancel_streams < ?)",
+            (time.time(), int(cancel_streams), key_id, int(cancel_streams)),
+        )
         return cur.rowcount > 0
+
+    def revocations(self) -> dict[str, bool]:
+        """Every revoked key id -> whether its running streams are to be cancelled."""
+        rows = self._db.execute("SELECT id, cancel_streams FROM api_keys WHERE revoked_at IS NOT NULL").fetchall()
+        return {str(key_id): bool(cancel) for key_id, cancel in rows}
 
     def verify(self, presented: str) -> KeyRecord | None:
         """The record of a valid, unrevoked key; None for anything else."""
@@ -116,11 +137,11 @@ class KeyStore:
         return None if record.revoked else record
 
 
-_COLUMNS = "id, name, models, rpm, tpm, concurrency, connections, budget_tokens, budget_period_s, created_at, revoked_at"
+_COLUMNS = "id, name, models, rpm, tpm, concurrency, connections, budget_tokens, budget_period_s, created_at, revoked_at, admin"
 
 
 def _record(row: tuple[object, ...]) -> KeyRecord:
-    key_id, name, models, rpm, tpm, concurrency, connections, budget, period, created, revoked = row
+    key_id, name, models, rpm, tpm, concurrency, connections, budget, period, created, revoked, admin = row
     limits = KeyLimits(
         models=frozenset(m for m in str(models).split(",") if m),
         rpm=int(rpm),  # type: ignore[call-overload]
@@ -130,4 +151,4 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
         budget_tokens=int(budget),  # type: ignore[call-overload]
         budget_period_s=int(period),  # type: ignore[call-overload]
     )
-    return KeyRecord(str(key_id), str(name), limits, float(created), revoked is not None)  # type: ignore[arg-type]
+    return KeyRecord(str(key_id), str(name), limits, float(created), revoked is not None, bool(admin))  # type: ignore[arg-type]

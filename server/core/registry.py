@@ -3,7 +3,9 @@
 A connection gets a fresh session when it opens. A `resume` as its first frame swaps that fresh
 session for the earlier one, if the id is known and the token matches (compared in constant
 time) and the session belongs to the same API key; otherwise the connection keeps its fresh
-session and gets one EXPIRED error that does not say which of the checks failed. A detached
+session and gets one EXPIRED error that does not say which of the checks failed. A resume that
+names a stream twice, more streams than a session keeps, or an over-long stream id is refused
+(`invalid_request`) before any lookup: each named stream costs a replay. A detached
 session lives `resume_grace_s`; then it is closed (its streams cancelled) and forgotten. When the session count reaches its limit, the
 session detached the longest is evicted first; if every session is attached, creation fails.
 """
@@ -46,7 +48,7 @@ class SessionRegistry:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def create(self, now_ns: int, owner: str = "") -> Session:
+    def create(self, now_ns: int, owner: str = "", api: str = "") -> Session:
         """A fresh, attached session of `owner` (an API key id, "" without auth). Raises
         `TooManySessions` when none can be evicted."""
         if len(self._sessions) >= self._max_sessions:
@@ -64,6 +66,7 @@ class SessionRegistry:
             now_ns,
             resume_grace_ms=self._grace_ns // 1_000_000,
             owner=owner,
+            api=api,
         )
         self._sessions[session.id] = session
         return session
@@ -82,6 +85,10 @@ class SessionRegistry:
         then has an error frame queued)."""
         if not current.is_fresh():
             current.reject("", InvalidRequest("resume must come before any stream on a connection"))
+            return current
+        refused = _check_streams(resume, current.resume_limit(), self._limits.max_stream_id_chars)
+        if refused is not None:
+            current.reject("", refused)
             return current
         target = self.get(resume.session_id, resume.resume_token)
         # Another key's session is refused exactly like an unknown one (same error, same text).
@@ -111,3 +118,19 @@ class SessionRegistry:
         session.close(now_ns)
         del self._sessions[session.id]
         self._forgotten.append(session)
+
+
+def _check_streams(resume: pb.Resume, limit: int, max_id_chars: int) -> InvalidRequest | None:
+    """The resume's stream list is refused when it is longer than `limit`, repeats an id or
+    holds an over-long one; the check stops at the first fault (it costs at most `limit`)."""
+    if len(resume.streams) > limit:
+        return InvalidRequest(f"a resume may name at most {limit} streams")
+    seen: set[str] = set()
+    for position in resume.streams:
+        sid = position.stream_id
+        if len(sid) > max_id_chars:
+            return InvalidRequest(f"stream id longer than {max_id_chars} characters")
+        if sid in seen:
+            return InvalidRequest(f"a resume names stream {sid!r} twice")
+        seen.add(sid)
+    return None

@@ -14,6 +14,11 @@ Replay. Every frame that carries a sequence number goes into its stream's bounde
 buffer; while a connection is attached it also goes into the outbox. When the connection drops
 the streams keep generating into their buffers; a resume rebuilds the outbox from them: the
 frames after the client's last sequence number, then live ones. Nothing lost, nothing repeated.
+A resume names each stream at most once and at most as many streams as a session keeps
+(`resume_limit`); the replay is handed out at most `REPLAY_FRAMES_PER_DRAIN` frames per
+`frames_to_send`, so a long replay goes out in pieces under the connection's flow control and
+never as one loop turn's work. While a stream is still being replayed its new frames wait in its
+buffer behind the replay (never in the outbox), so the order within a stream holds.
 
 Backpressure lives in the outbox: while the driver is busy writing, new tokens of a stream are
 merged into that stream's token frame that has not been sent yet (text appended, `seq` moved to
@@ -28,7 +33,7 @@ stream changed. An error with `seq` > 0 ends that stream.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, replace
 
@@ -71,6 +76,10 @@ FINISH_TO_PROTO: dict[FinishReason, int] = {
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
 
+# At most this many replayed frames per `frames_to_send`: one drain of a resume costs the same
+# however many frames the named streams hold.
+REPLAY_FRAMES_PER_DRAIN = 256
+
 CODE_TO_PROTO: dict[Code, int] = {code: pb.ErrorCode.Value(f"ERROR_CODE_{code.name}") for code in Code}
 
 
@@ -91,6 +100,7 @@ class StreamRecord:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    api: str = ""  # the client API the session came in through ("grpc", "websocket", "openai.chat_completions", ...)
     cached_input_tokens: int = 0  # from the provider's prompt cache
     cache_write_input_tokens: int = 0
     cache: str = ""  # "exact" / "semantic": replayed from the response cache
@@ -124,10 +134,12 @@ class Session:
         now_ns: int,
         resume_grace_ms: int = 30_000,
         owner: str = "",
+        api: str = "",
     ) -> None:
         self.id = session_id
         self.token = resume_token
         self.owner = owner  # the API key id the session belongs to ("" without auth)
+        self.api = api  # the client API it came in through, for analytics only
         self._limits = limits
         self._known_models = known_models
         self._wall_time_ns = wall_time_ns
@@ -149,13 +161,33 @@ class Session:
         # count are filled in once, when it is drained or the merge ends (`_fill`), not per token.
         self._merging: dict[str, tuple[pb.TokenDelta, int, Stream, int]] = {}
         self._actions: list[Action] = []
+        # Streams whose replay is still being handed out, in order: (stream, the frames left of
+        # the current snapshot of its buffer, the seq handed out last).
+        self._replaying: deque[_Replay] = deque()
         self._next_auto_id = 1
+        self._abandoned_tokens = 0
         self.tokens_relayed = 0  # content events of every stream, for throughput figures
 
     # -- queries ---------------------------------------------------------------------------------
 
     def is_live(self, stream_id: str) -> bool:
         return stream_id in self._streams
+
+    def model_of(self, stream_id: str) -> str | None:
+        """The model of a live stream (None when it is not live)."""
+        stream = self._streams.get(stream_id)
+        return stream.request.model if stream is not None else None
+
+    def has_content(self, stream_id: str) -> bool:
+        """The live stream has content: a `Routed` now starts a continuation."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.phase is Phase.STREAMING
+
+    def take_abandoned_tokens(self) -> int:
+        """Completion tokens of generations that `modify` abandoned since the last call: the
+        provider produced them, so the key is charged for them."""
+        tokens, self._abandoned_tokens = self._abandoned_tokens, 0
+        return tokens
 
     @property
     def live_streams(self) -> int:
@@ -166,7 +198,11 @@ class Session:
         return not self._streams and not self._ended and self._next_auto_id == 1
 
     def has_output(self) -> bool:
-        return bool(self._outbox)
+        return bool(self._outbox) or bool(self._replaying)
+
+    def resume_limit(self) -> int:
+        """The most streams one resume may name: every live and kept ended stream."""
+        return self._limits.max_streams + self._limits.max_ended_streams
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -175,14 +211,20 @@ class Session:
         self.attached = False
         self.detached_ns = now_ns
         self._outbox.clear()
+        self._replaying.clear()
 
     def resume(self, resume: pb.Resume, now_ns: int) -> None:
-        """A new connection takes over: `resumed`, then the frames each listed stream missed."""
+        """A new connection takes over: `resumed`, then the frames each listed stream missed.
+
+        The caller (the registry) has checked that no stream is named twice and that at most
+        `resume_limit()` are named. The replayed frames are handed out by `frames_to_send`,
+        a bounded number per call."""
         self.attached = True
         self.detached_ns = 0
         for merge in self._merging.values():
             _fill(merge)
         self._merging.clear()
+        self._replaying.clear()
         self._outbox = [pb.ServerFrame()]  # the `resumed` frame, filled in below
         resumed = self._outbox[0].resumed
         resumed.session_id = self.id
@@ -199,7 +241,8 @@ class Session:
                 self.reject(sid, SessionExpired(f"frames of stream {sid!r} after seq {position.last_seq} are no longer kept"))
                 continue
             entry.replayed = len(frames)
-            self._outbox.extend(frames)
+            if frames or entry.live:
+                self._replaying.append(_Replay(stream, deque(frames), position.last_seq))
 
     def close(self, now_ns: int) -> None:
         """Ends the session: cancels every live stream; nothing is resumable afterwards."""
@@ -208,6 +251,16 @@ class Session:
             stream.move(CANCEL)
             self._actions.append(CancelUpstream(stream.id))
             self._finish(stream, FinishReason.CANCELLED, now_ns)
+
+    def fail_all(self, error: ProxyError, now_ns: int) -> None:
+        """Ends the session: every live stream fails with `error` (a revoked key's streams),
+        its upstream is cancelled; nothing is resumable afterwards."""
+        self.closed = True
+        for stream in list(self._streams.values()):
+            self._settle(stream.id)
+            stream.move(Failed(error))
+            self._actions.append(CancelUpstream(stream.id))
+            self._fail(stream, error, now_ns)
 
     def tick(self, now_ns: int) -> None:
         """Sends a heartbeat for every live stream that has sent nothing for the interval."""
@@ -352,15 +405,47 @@ class Session:
     # -- output ----------------------------------------------------------------------------------
 
     def frames_to_send(self, now_ns: int = 0) -> list[pb.ServerFrame]:
-        """Takes everything queued for the client, in order; merging restarts afterwards.
-        With `now_ns`, each drained token frame's time in the server is recorded."""
-        frames, self._outbox = self._outbox, []
+        """Takes what is queued for the client, in order, with at most
+        `REPLAY_FRAMES_PER_DRAIN` frames of a replay in progress (call again while
+        `has_output()`); merging restarts afterwards. With `now_ns`, each drained token frame's
+        time in the server is recorded."""
         for merge in self._merging.values():
             _fill(merge)
             if now_ns:
                 merge[2].relay_ns.append(now_ns - merge[1])
         self._merging.clear()
+        frames, self._outbox = self._outbox, []
+        if self._replaying:
+            self._replay_into(frames)
         return frames
+
+    def _replay_into(self, frames: list[pb.ServerFrame]) -> None:
+        """Appends the next piece of the replay; a stream whose buffer is handed out in full
+        leaves the replay (its later frames go to the outbox again)."""
+        budget = REPLAY_FRAMES_PER_DRAIN
+        replaying = self._replaying
+        while replaying and budget:
+            replay = replaying[0]
+            pending = replay.pending
+            while pending and budget:
+                frame = pending.popleft()
+                frames.append(frame)
+                replay.last_seq = _seq_of(frame)
+                budget -= 1
+            if pending:
+                return
+            # The snapshot is out: frames emitted since then are in the stream's buffer.
+            stream = replay.stream
+            if stream.seq > replay.last_seq:
+                more = stream.replay_after(replay.last_seq)
+                if more is None:  # the stream outran its buffer while the replay went out
+                    replaying.popleft()
+                    self.reject(stream.id, SessionExpired(f"frames of stream {stream.id!r} after seq {replay.last_seq} are no longer kept"))
+                    continue
+                if more:
+                    replay.pending.extend(more)
+                    continue
+            replaying.popleft()
 
     def records(self) -> list[StreamRecord]:
         """Takes the records of the streams that ended since the last call."""
@@ -384,8 +469,11 @@ class Session:
         connection is attached."""
         stream.replay.append(frame)
         stream.last_sent_ns = now_ns
-        if self.attached:
+        if self.attached and not (self._replaying and self._is_replaying(stream)):
             self._outbox.append(frame)
+
+    def _is_replaying(self, stream: Stream) -> bool:
+        return any(r.stream is stream for r in self._replaying)
 
     def _token(self, stream: Stream, text: str, now_ns: int) -> None:
         self.tokens_relayed += 1
@@ -477,6 +565,8 @@ class Session:
             return
         stream.move(MODIFY)
         latency_us = (now_ns - stream.last_ns) // 1000
+        usage, _ = _usage(stream)
+        self._abandoned_tokens += usage.completion_tokens + usage.reasoning_tokens
         request = replace(stream.request, messages=tuple(base))
         self._settle(sid)
         stream.restart(request, now_ns)
@@ -497,7 +587,7 @@ class Session:
         if stream.conversation:
             answer = stream.answer()
             history = [*stream.request.messages, *([answer] if answer.content or answer.tool_calls else [])]
-            self._conversations[stream.conversation] = _trim(history, self._limits.max_history_messages)
+            self._conversations[stream.conversation] = _trim(history, self._limits.max_history_messages, self._limits.max_history_chars)
 
     def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
         self._end(stream)
@@ -572,6 +662,7 @@ class Session:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
+                api=self.api,
                 cached_input_tokens=usage.cached_input_tokens,
                 cache_write_input_tokens=usage.cache_write_input_tokens,
                 cache=stream.cache_hit[0] if stream.cache_hit else "",
@@ -594,6 +685,20 @@ class Session:
             attempts=t.attempts,
             ux_score=score,
         )
+
+
+@dataclass(slots=True)
+class _Replay:
+    """A stream whose missed frames are still being handed out."""
+
+    stream: Stream
+    pending: deque[pb.ServerFrame]
+    last_seq: int
+
+
+def _seq_of(frame: pb.ServerFrame) -> int:
+    kind = frame.WhichOneof("kind")
+    return getattr(frame, kind).seq  # type: ignore[no-any-return]
 
 
 def _usage(stream: Stream) -> tuple[pb.Usage, list[pb.AttemptUsage]]:
@@ -642,11 +747,18 @@ def _fill(merge: tuple[pb.TokenDelta, int, Stream, int]) -> None:
         token.count = count
 
 
-def _trim(history: Iterable[ChatMessage], limit: int) -> list[ChatMessage]:
-    """Keeps the last `limit` messages, and a leading system message if there was one."""
+def _trim(history: Iterable[ChatMessage], limit: int, max_chars: int) -> list[ChatMessage]:
+    """Keeps the last `limit` messages holding at most `max_chars` characters of content (at
+    least the last message), and a leading system message if there was one: a conversation
+    cannot grow each request it prefixes past what one request may carry."""
     items = list(history)
-    if len(items) <= limit:
-        return items
-    if items and items[0].role == "system":
-        return [items[0], *items[len(items) - limit + 1 :]]
-    return items[len(items) - limit :]
+    head = [items[0]] if items and items[0].role == "system" else []
+    rest = items[len(head) :]
+    budget = max_chars - sum(len(m.content) for m in head)
+    kept = 0
+    for message in reversed(rest[-(limit - len(head)) :] if limit > len(head) else []):
+        budget -= len(message.content)
+        if budget < 0 and kept:
+            break
+        kept += 1
+    return [*head, *rest[len(rest) - kept :]] if kept else head

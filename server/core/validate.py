@@ -59,6 +59,8 @@ def to_request(start: pb.StartStream, limits: SessionLimits, known_models: Conta
         raise InvalidRequest(f"max_tokens must be between 1 and {limits.max_tokens_cap}")
     if len(p.stop) > limits.max_stop_sequences or any(not s for s in p.stop):
         raise InvalidRequest(f"stop takes at most {limits.max_stop_sequences} non-empty strings")
+    if any(len(s) > limits.max_stop_chars for s in p.stop):
+        raise InvalidRequest(f"each stop sequence is at most {limits.max_stop_chars} characters")
     if len(start.tools) > limits.max_tools:
         raise InvalidRequest(f"at most {limits.max_tools} tools per request")
     tools = []
@@ -69,6 +71,10 @@ def to_request(start: pb.StartStream, limits: SessionLimits, known_models: Conta
             schema = json.loads(t.parameters_json or "{}")
         except ValueError:
             raise InvalidRequest(f"tools[{i}].parameters is not valid JSON") from None
+        except RecursionError:  # nested deeper than the parser's own stack allows
+            schema = None
+        if schema is None or json_depth(schema) > limits.max_json_depth:
+            raise InvalidRequest(f"tools[{i}].parameters nests deeper than {limits.max_json_depth} levels")
         if not isinstance(schema, dict):
             raise InvalidRequest(f"tools[{i}].parameters must be a JSON object")
         tools.append(ToolSpec(t.name, t.description, t.parameters_json or "{}"))
@@ -88,3 +94,21 @@ def to_request(start: pb.StartStream, limits: SessionLimits, known_models: Conta
         tools=tuple(tools),
         tool_choice=choice,
     )
+
+
+def json_depth(value: object) -> int:
+    """How deeply a parsed JSON value nests (a scalar is 0, `{}` 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -142,6 +142,54 @@ def redact(text: str, *secrets: Secret | None) -> str:
         if secret is not None and secret.reveal():
             text = text.replace(secret.reveal(), "***")
     return _KEYLIKE.sub("***", text)
+
+
+# Configured header values shorter than this are not treated as secrets (`1`, `true`): scrubbing
+# them would mangle every number of a message. The key itself is scrubbed at any length.
+MIN_HEADER_SECRET_CHARS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Scrubber:
+    """Removes one deployment's configured secrets from provider texts, whatever their shape.
+
+    `redact` catches what looks like a key; a provider that echoes our request (a 400 body
+    quoting the Authorization header) can echo a key of any shape, so every text of an
+    `UpstreamError` is also scrubbed of the configured key, its URL- and JSON-escaped forms,
+    the request header values built from it (`Bearer <key>`) and the configured extra header
+    values. Longest first, so a header value goes before the key inside it."""
+
+    values: tuple[str, ...] = ()
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Endpoint) -> Scrubber:
+        found: set[str] = set()
+        if endpoint.key is not None and endpoint.key.reveal():
+            key = endpoint.key.reveal()
+            found.update((key, quote(key, safe=""), orjson.dumps(key).decode()[1:-1]))
+        found.update(v for _, v in endpoint.headers if len(v) >= MIN_HEADER_SECRET_CHARS)
+        return cls(tuple(sorted(found, key=len, reverse=True)))
+
+    def with_headers(self, headers: Mapping[str, str]) -> Scrubber:
+        """Adds the request's header values that contain a secret (`Bearer <key>`)."""
+        extra = {v for v in headers.values() if v not in self.values and any(s in v for s in self.values)}
+        if not extra:
+            return self
+        return Scrubber(tuple(sorted({*self.values, *extra}, key=len, reverse=True)))
+
+    def scrub(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, "***")
+        return redact(text)
+
+    def scrub_error(self, exc: UpstreamError) -> UpstreamError:
+        """The same error with every text scrubbed (changed in place, returned for `raise`)."""
+        exc.message = self.scrub(exc.message)
+        exc.args = (exc.message,)
+        exc.body = self.scrub(exc.body)
+        exc.provider_type = self.scrub(exc.provider_type)
+        return exc
 
 
 def excerpt(body: bytes) -> str:

@@ -7,6 +7,11 @@ a time to first token, then tokens at a rate with relative jitter, all drawn fro
 a seeded request streams the same tokens at the same gaps every time.
 
 It is also the fake the core's and the chain's tests use: its pace is set per deployment.
+
+Bounds (it needs no key, so every client may reach it): an answer is at most `DemoPace.max_tokens`
+tokens however large the request's `max_tokens`, and stop sequences are matched against the
+text's last `longest stop - 1` characters plus the new token, so a token costs the same however
+long the answer already is.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from server.providers.base import DeploymentInfo
 
 _TOKEN_RE = re.compile(r"\s*[A-Za-z0-9]+|\s*[^\sA-Za-z0-9]")
 _WORD_RE = re.compile(r"[a-z0-9]+")
+PROMPT_CHARS_READ = 4096  # keywords are looked for here: a prompt of megabytes costs the same
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,7 @@ class DemoPace:
     tokens_per_s: float = 40.0
     jitter: float = 0.3  # relative: each gap is interval * (1 +/- jitter)
     seed: int = 0
+    max_tokens: int = 4096  # the longest answer, whatever the request's max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +78,7 @@ def load_corpus() -> tuple[CorpusEntry, ...]:
 def choose_answer(corpus: tuple[CorpusEntry, ...], prompt: str) -> list[CorpusEntry]:
     """Orders the corpus for a prompt: the best keyword match first (the `default` entry when
     nothing matches), then the rest in corpus order."""
-    words = set(_WORD_RE.findall(prompt.lower()))
+    words = set(_WORD_RE.findall(prompt[:PROMPT_CHARS_READ].lower()))
     scored = [(len(entry.keywords & words), -i) for i, entry in enumerate(corpus)]
     best_score, best_neg_i = max(scored)
     if best_score == 0:
@@ -81,7 +88,9 @@ def choose_answer(corpus: tuple[CorpusEntry, ...], prompt: str) -> list[CorpusEn
 
 
 def count_prompt_tokens(request: ChatRequest) -> int:
-    return sum(len(tokenize(m.content)) + 4 for m in request.messages)
+    """An estimate, one token per 4 characters (OpenAI's rule of thumb) and 4 per message:
+    tokenizing a prompt of megabytes would stall the event loop for every other client."""
+    return sum(len(m.content) // 4 + 4 for m in request.messages)
 
 
 class DemoBackend:
@@ -105,14 +114,16 @@ class DemoBackend:
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         seed = request.seed if request.seed is not None else self._pace.seed
         rng = random.Random(f"{seed}:{prompt}")
-        limit = request.max_tokens
+        limit = min(request.max_tokens, self._pace.max_tokens) if request.max_tokens is not None else None
         pace = self._pace
         interval = 1.0 / pace.tokens_per_s if pace.tokens_per_s > 0 else 0.0
         yield UsageReport(prompt_tokens=count_prompt_tokens(request))
 
         await asyncio.sleep(pace.ttft_s)
         emitted = 0
-        text_so_far: list[str] = []
+        stops = request.stop
+        keep = max((len(s) for s in stops), default=1) - 1  # characters a stop can start before a token
+        tail = ""  # the end of the text so far: where a stop ending in the next token can begin
         reason = FinishReason.STOP
         entries = choose_answer(self._corpus, prompt)
         # Without max_tokens the answer is the best entry; with it, further entries follow
@@ -126,16 +137,16 @@ class DemoBackend:
                 await asyncio.sleep(max(0.0, interval * (1 + rng.uniform(-pace.jitter, pace.jitter))))
             elif not interval:
                 await asyncio.sleep(0)  # stay cooperative when unpaced
-            if request.stop:
-                text_so_far.append(token)
-                joined = "".join(text_so_far)
-                hit = min((joined.find(s) for s in request.stop if s in joined), default=-1)
+            if stops:
+                window = tail + token
+                hit = min((window.find(s) for s in stops if s in window), default=-1)
                 if hit >= 0:
-                    cut = joined[len(joined) - len(token) : hit]
+                    cut = window[len(tail) : hit]
                     if cut:
                         yield TextDelta(cut)
                         emitted += 1
                     break
+                tail = window[-keep:] if keep else ""
             yield TextDelta(token)
             emitted += 1
         yield UsageReport(completion_tokens=emitted)

@@ -49,10 +49,11 @@ import httpx
 from server.core.events import Finished, ProviderEvent, ReasoningDelta, TextDelta, ToolCallDelta
 from server.core.request import ChatRequest
 from server.errors import StreamCut, UpstreamError, UpstreamServerError, UpstreamTimeout
-from server.providers.adapter import Adapter, Endpoint, StreamDecoder, UpstreamRequest
+from server.providers.adapter import Adapter, Endpoint, Scrubber, StreamDecoder, UpstreamRequest
 from server.providers.base import DeploymentInfo
 from server.providers.h1pool import BodyLost, H1Exchange, OriginPool, Unreachable
 from server.providers.sse import SSEDecoder
+from server.tracing import inject_traceparent
 
 log = logging.getLogger("llmproxy.providers")
 
@@ -329,6 +330,7 @@ class HttpBackend:
         # The transport's own timeouts cover only connecting and writing the request: the body
         # deadlines are ours. `pool` bounds the wait for a free pooled connection.
         self._timeout = httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=t.first_token_s)
+        self._scrubber = Scrubber.for_endpoint(endpoint)
 
     @property
     def info(self) -> DeploymentInfo:
@@ -351,6 +353,7 @@ class HttpBackend:
         """
         adapter, timeouts = self._adapter, self._endpoint.timeouts
         upstream_request = adapter.build_request(request, self._endpoint)
+        inject_traceparent(upstream_request.headers)  # the attempt's span, when tracing is on
         decoder = adapter.new_decoder()
         sse = SSEDecoder()
         loop = asyncio.get_running_loop()
@@ -415,6 +418,11 @@ class HttpBackend:
                 for event in ended:  # complete, and the end event never came: finished
                     yield event
                 return
+            raise
+        except UpstreamError as exc:
+            # Every provider text leaves here without our configured secrets (a provider may
+            # echo the request's Authorization header in any error text).
+            self._scrubber.with_headers(upstream_request.headers).scrub_error(exc)
             raise
         finally:
             deadline.close()

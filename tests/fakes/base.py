@@ -33,6 +33,8 @@ public model at a failure mode. Knobs:
     times=N        the failure knobs apply to the first N requests of this model string only
     period=P       with `times`: the pattern repeats every P requests (times=1,period=2 flaps)
     tag=X          ignored: makes a model string (and so its `times` counter) unique
+    echo           an error answer's message ends with every request header, as some
+                   OpenAI-compatible servers do (`...; you sent authorization=Bearer ...`)
 
 Observation: `requests` (every request: method, path, headers, body), `disconnects` (the
 `time.monotonic()` at which a client dropped a stream before its end), `GET /_fake/state` for
@@ -78,6 +80,7 @@ class Knobs:
     times: int | None = None
     period: int | None = None
     tag: str | None = None
+    echo: bool = False
 
     def healthy(self) -> Knobs:
         """These knobs without their failure modes."""
@@ -111,6 +114,14 @@ def split_model(model: str) -> tuple[str, str]:
     """`"gpt-4o@cut=3"` -> `("gpt-4o", "cut=3")`."""
     name, _, knobs = model.partition("@")
     return name, knobs
+
+
+def _echoed(body: bytes, headers: dict[str, str]) -> bytes:
+    """The error body with the request's headers appended to its `error.message`."""
+    payload = json.loads(body)
+    error = (payload[0] if isinstance(payload, list) else payload)["error"]
+    error["message"] += "; you sent " + ", ".join(f"{name}={value}" for name, value in headers.items())
+    return json.dumps(payload).encode()
 
 
 @dataclass
@@ -330,6 +341,8 @@ class FakeServer:
                 answer.headers["retry-after"] = knobs.retry_after
             if knobs.retry_after_ms is not None:
                 answer.headers["retry-after-ms"] = knobs.retry_after_ms
+            if knobs.echo:
+                answer.body = _echoed(answer.body, headers)
             await conn.send(answer.status, answer.headers, answer.body)
             return True
         return await self._stream(conn, knobs)

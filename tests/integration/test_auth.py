@@ -44,7 +44,7 @@ def keys(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def authed(keys):
-    p = start_proxy((*FAST_DEMO, "--auth-db", keys["db"]))
+    p = start_proxy((*FAST_DEMO, "--auth-db", keys["db"], "--demo", "all-keys"))
     yield p
     p.stop()
 

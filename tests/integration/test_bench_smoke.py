@@ -45,6 +45,8 @@ def test_bench_smoke_runs_every_workload_over_every_path(tmp_path: Path) -> None
     for key in STREAM_KEYS:
         workload = result["workloads"][key]
         expected = {"grpc", "ws"} if key.startswith("A") else {"direct", "ws", "grpc"}
+        if key in ("i", "iii_50", "iv"):
+            expected.add("chat")  # the bridge's chat-completions API, next to the WebSocket
         assert set(workload["paths"]) == expected, key
         for name, path in workload["paths"].items():
             assert set(PATH_FIELDS) <= set(path), (key, name)

@@ -37,7 +37,7 @@ def keys(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hostile(keys):
-    p = start_proxy((*FAST_DEMO, "--auth-db", keys["db"]), ("--allowed-origin", ALLOWED_ORIGIN, "--max-frame-bytes", "65536"))
+    p = start_proxy((*FAST_DEMO, "--auth-db", keys["db"], "--demo", "all-keys"), ("--allowed-origin", ALLOWED_ORIGIN, "--max-frame-bytes", "65536"))
     yield p
     assert p.server.popen.poll() is None and p.bridge.popen.poll() is None, "an attack took a process down"
     p.stop()

@@ -38,9 +38,10 @@ def chain(fakes, tmp_path_factory):
             "claude": deployment(fakes, "anthropic", "claude-x@tokens=5,tag=plain"),
             "gpt": deployment(fakes, "openai", "gpt-x@tokens=5,cached=12,tag=gpt"),
             "gem": deployment(fakes, "gemini", "gemini-x@tokens=5,cached=9,tag=gem"),
-            # the response cache replays reasoning and tool calls as they came
-            "gem-think": deployment(fakes, "gemini", "gemini-x@scenario=thinking,tag=think"),
-            "gpt-tool": deployment(fakes, "openai", "gpt-x@scenario=tool,tag=tool"),
+            # the response cache replays reasoning and tool calls as they came (paced, so the live
+            # answer's frames are not merged by a busy writer either: the frames compare one to one)
+            "gem-think": deployment(fakes, "gemini", "gemini-x@scenario=thinking,pace=0.03,tag=think"),
+            "gpt-tool": deployment(fakes, "openai", "gpt-x@scenario=tool,pace=0.03,tag=tool"),
         },
         "cache": {"default": {"exact": False}, "models": {"gem-think": {"exact": True}, "gpt-tool": {"exact": True, "tool_calls": True}}},
     }

@@ -234,7 +234,7 @@ async def test_one_stuck_reader_among_200_connections_does_not_slow_the_others()
         assert beside[0] < alone[0] * 1.3 + 3
         # A reader that held up the relay would stall everyone until it is cut (seconds); the
         # bound is that, not the shared machine's own noise (p99 jumps of 100-200 ms seen here).
-        assert beside[1] < max(2 * alone[1], 400)
+        assert beside[1] < max(2 * alone[1], 1000)
         assert beside[2] - alone[2] < 30_000  # KB: the stuck reader's backlog is bounded
         # The stuck reader is cut within the ping timeout of its socket filling up.
         deadline = time.monotonic() + 15

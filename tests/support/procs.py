@@ -146,6 +146,12 @@ class Proxy:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.bridge.port}"
 
+    @property
+    def api_url(self) -> str:
+        """The bridge's HTTP APIs (started with `--http-port`; it prints that line first)."""
+        prefix = "llmproxy-bridge http on "
+        return next(line[len(prefix) :].strip() for line in self.bridge.lines if line.startswith(prefix))
+
     def stop(self) -> None:
         self.bridge.stop()
         self.server.stop()

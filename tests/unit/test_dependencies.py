@@ -22,8 +22,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = [ROOT / "server", ROOT / "bridge", ROOT / "clients" / "python" / "llmproxy_client"]
-OWN = {"server", "bridge", "llmproxy", "llmproxy_client"}
+PRODUCT = [ROOT / "server", ROOT / "bridge", ROOT / "clients" / "python" / "llmproxy_client", ROOT / "llmproxy_cli"]
+OWN = {"server", "bridge", "llmproxy", "llmproxy_client", "llmproxy_cli"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
@@ -113,3 +113,23 @@ def test_the_locks_pin_every_requirement_with_hashes_inside_its_floor():
     # make install-test installs test.lock over run.lock: the same versions, nothing moved.
     moved = {name: (v, test.get(name, (None,))[0]) for name, (v, _) in run.items() if test.get(name, (None,))[0] != v}
     assert not moved, f"test.lock moves run.lock's pins: {moved}"
+
+
+def test_the_python_client_declares_exactly_what_it_imports():
+    """clients/python/pyproject.toml (`pip install ./clients/python`) lists every third-party
+    package llmproxy_client imports and nothing else; the root project's floors agree."""
+    client = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())["project"]
+    declared = {canonicalize_name(r.name): r for r in map(Requirement, client["dependencies"])}
+    names: set[str] = set()
+    for path in (ROOT / "clients" / "python" / "llmproxy_client").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    modules = names - OWN - set(sys.stdlib_module_names) - {"__future__"}
+    imported = set().union(*distributions(modules).values()) | {"protobuf"}  # the generated stubs import it
+    assert imported == set(declared), f"imported {sorted(imported)}, declared {sorted(declared)}"
+    root = requirements(None)
+    for name, req in declared.items():
+        assert str(req.specifier) == str(root[name].specifier), f"{name}: client {req}, project {root[name]}"

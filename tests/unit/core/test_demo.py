@@ -80,3 +80,32 @@ def test_seeded_pacing_is_deterministic(monkeypatch):
     other_text, other_pauses = paced(monkeypatch, b, seed=2, max_tokens=50)
     assert other_text == first_text and other_pauses != first_pauses
     assert paced(monkeypatch, b, max_tokens=50) == paced(monkeypatch, b, max_tokens=50) == paced(monkeypatch, b, seed=7, max_tokens=50)
+
+
+def test_demo_answers_are_capped_whatever_max_tokens_asks():
+    events = run(backend(max_tokens=300), max_tokens=1_000_000)
+    assert sum(isinstance(e, TextDelta) for e in events) == 300 and events[-1] == Finished(FinishReason.LENGTH)
+
+
+def test_a_stop_sequence_spanning_several_tokens_is_found_from_the_kept_tail():
+    full = text(run(backend(), max_tokens=400))
+    for stop in (full[101:140], full[250:251], full[300:302]):
+        got = text(run(backend(), max_tokens=400, stop=("never-there", stop)))
+        # tokens already sent stay sent: the answer ends inside the stop, never past its start's token
+        at = full.index(stop)
+        assert full.startswith(got) and stop not in got and at <= len(got) < at + len(stop), stop
+
+
+def test_stop_matching_costs_the_same_per_token_however_long_the_answer():
+    import time
+
+    stops = tuple(f"{i:x}" * 256 for i in range(16))  # the longest stops allowed, never matching
+
+    def per_token(n):
+        started = time.perf_counter()
+        run(backend(max_tokens=n), max_tokens=n, stop=stops)
+        return (time.perf_counter() - started) / n
+
+    per_token(200)  # warm up
+    short, long = min(per_token(500) for _ in range(3)), min(per_token(4000) for _ in range(3))
+    assert long < short * 3, (short, long)  # quadratic matching made this ~8x

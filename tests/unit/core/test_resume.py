@@ -196,3 +196,58 @@ def test_registry_evicts_the_longest_detached_session_when_full():
     r.detach(b, 2 * MS)
     r.create(3 * MS)
     assert [s.id for s in r.expire(3 * MS)] == [a.id]
+
+
+# -- hostile resumes (issue 20, point 1) ------------------------------------------------------------
+
+
+def test_a_resume_naming_a_stream_twice_or_too_many_streams_is_refused_before_any_replay():
+    r = registry()
+    old = r.create(0)
+    start(old)
+    r.detach(old, 1 * MS)
+    for streams in (
+        [pb.StreamPosition(stream_id="a")] * 2,
+        [pb.StreamPosition(stream_id=f"s{i}") for i in range(old.resume_limit() + 1)],
+        [pb.StreamPosition(stream_id="x" * 500)],
+    ):
+        new = r.create(2 * MS)
+        new.frames_to_send()
+        assert r.resume(new, pb.Resume(session_id=old.id, resume_token=old.token, streams=streams), 3 * MS) is new
+        (err,) = new.frames_to_send()
+        assert err.error.code == pb.ERROR_CODE_INVALID_REQUEST and err.error.seq == 0
+        assert not old.attached  # the session was not taken over
+    ok = r.create(4 * MS)
+    names = [pb.StreamPosition(stream_id=f"s{i}") for i in range(old.resume_limit())]
+    assert r.resume(ok, pb.Resume(session_id=old.id, resume_token=old.token, streams=names), 5 * MS) is old
+
+
+def test_a_long_replay_goes_out_in_pieces_and_live_frames_wait_behind_it():
+    from server.core.session import REPLAY_FRAMES_PER_DRAIN
+
+    s = make()
+    start(s)
+    routed(s)
+    s.frames_to_send()
+    s.detach(1 * MS)
+    n = 3 * REPLAY_FRAMES_PER_DRAIN
+    for i in range(n):
+        s.receive_event("a", TextDelta("x"), (2 + i) * MS)
+        s._merging.clear()  # each token in its own frame, as if sent one by one before the drop
+    s.resume(pb.Resume(streams=[pb.StreamPosition(stream_id="a", last_seq=1)]), 10_000 * MS)
+    got = []
+    pieces = 0
+    while s.has_output():
+        frames = s.frames_to_send()
+        assert len(frames) <= REPLAY_FRAMES_PER_DRAIN + 1  # + the `resumed` frame
+        got.extend(frames)
+        pieces += 1
+        if pieces == 2:  # live tokens and the end arrive while the replay is going out
+            s.receive_event("a", TextDelta("y"), 10_001 * MS)
+            s.receive_event("a", TextDelta("z"), 10_002 * MS)
+            s.receive_event("a", Finished(FinishReason.STOP), 10_003 * MS)
+    assert pieces >= 3
+    assert got[0].HasField("resumed")
+    assert text_of(got) == "x" * n + "yz"
+    assert seqs(got[1:]) == list(range(2, n + 5))  # no gap, no repeat, the end last
+    assert not s.has_output()

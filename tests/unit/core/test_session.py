@@ -375,3 +375,41 @@ def test_a_modify_starts_the_parts_over():
     s.receive_event("a", Finished(FinishReason.STOP), 14 * MS)
     done = s.frames_to_send()[-1].done
     assert parts_of(done) == [("primary", (0, 1, 0))] and usage_of(done.usage) == (0, 1, 0)
+
+
+def test_fail_all_fails_every_live_stream_cancels_upstream_and_closes():
+    from server.errors import Unauthenticated
+
+    s = make()
+    start(s, "a")
+    start(s, "b")
+    routed(s, "a")
+    s.receive_event("a", TextDelta("x"), 2 * MS)
+    s.actions_to_take()
+    s.frames_to_send()
+    s.fail_all(Unauthenticated("this API key was revoked"), 3 * MS)
+    frames = s.frames_to_send()
+    assert sorted((f.error.stream_id, f.error.code) for f in frames) == [("a", pb.ERROR_CODE_UNAUTHENTICATED), ("b", pb.ERROR_CODE_UNAUTHENTICATED)]
+    assert all(f.error.seq > 0 for f in frames) and s.live_streams == 0 and s.closed
+    assert sorted(a.stream_id for a in s.actions_to_take()) == ["a", "b"]
+
+
+def test_tokens_of_a_generation_that_modify_abandons_are_kept_for_charging():
+    s = make()
+    start(s)
+    routed(s)
+    for i in range(5):
+        s.receive_event("a", TextDelta("x"), (2 + i) * MS)
+    s.receive_frame(pb.ClientFrame(modify=pb.Modify(stream_id="a", append=[pb.ChatMessage(role="user", content="more")])), 10 * MS)
+    assert s.take_abandoned_tokens() == 5 and s.take_abandoned_tokens() == 0
+
+
+def test_conversation_history_is_trimmed_by_characters_too():
+    from server.core.request import ChatMessage
+    from server.core.session import _trim
+
+    history = [ChatMessage("system", "s" * 10), *(ChatMessage("user", "x" * 100) for _ in range(10))]
+    kept = _trim(history, 256, 350)
+    assert kept[0].role == "system" and len(kept) == 4  # 10 + 3 * 100 <= 350
+    assert len(_trim([ChatMessage("user", "y" * 1000)], 256, 10)) == 1  # the last message always stays
+    assert len(_trim(history, 5, 10_000)) == 5
