@@ -93,11 +93,19 @@ def _text_of(blocks: object, where: str) -> str:
     return "".join(texts)
 
 
+def _marked(blocks: object) -> bool:
+    """Whether a content block list carries a prompt-cache breakpoint (`cache_control`): it is
+    passed on as one after that message (docs/caching.md)."""
+    return isinstance(blocks, list) and any(isinstance(b, dict) and "cache_control" in b for b in blocks)
+
+
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     system = body.get("system")
     if system is not None:
         out.append({"role": "system", "content": _text_of(system, "system")})
+        if _marked(system):
+            out[-1]["cache_control"] = {"type": "ephemeral"}
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages must be a non-empty list")
@@ -134,6 +142,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
+        if _marked(content):
+            out[-1]["cache_control"] = {"type": "ephemeral"}
     return out
 
 
@@ -267,7 +277,12 @@ class MessagesEncoder:
         elif kind == "done":
             done = frame.done
             self._close(out)
-            usage = {"input_tokens": done.usage.prompt_tokens, "output_tokens": done.usage.completion_tokens}
+            u = done.usage
+            usage = {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens}
+            if u.cached_input_tokens or u.cache_write_input_tokens:  # Anthropic's input_tokens excludes both
+                usage["input_tokens"] = max(u.prompt_tokens - u.cached_input_tokens - u.cache_write_input_tokens, 0)
+                usage["cache_read_input_tokens"] = u.cached_input_tokens
+                usage["cache_creation_input_tokens"] = u.cache_write_input_tokens
             stop = STOP_REASON[done.finish_reason]
             out.append(
                 event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": usage})

@@ -28,9 +28,10 @@ import orjson
 from llmproxy.v1 import llmproxy_pb2 as pb
 
 _START_FIELDS = frozenset(
-    {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation"}
+    {"type", "id", "model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation", "cache"}
 )
-_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
+_CACHE_FIELDS = frozenset({"skip_read", "skip_write", "ttl_s"})
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "cache_control"})
 
 FINISH_NAMES: dict[int, str] = {
     v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in pb.FinishReason.DESCRIPTOR.values
@@ -135,7 +136,24 @@ def _start(obj: dict[str, Any], stream_id: str) -> pb.ClientFrame:
         start.tool_choice = fn["name"]
     elif choice is not None:
         raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "tool_choice must be a string or an object")
+    if "cache" in obj:
+        _cache(start.cache, obj["cache"])
     return pb.ClientFrame(start=start)
+
+
+def _cache(out: pb.CacheControl, c: object) -> None:
+    """The start frame's `cache`: {"skip_read": bool, "skip_write": bool, "ttl_s": int}."""
+    if not isinstance(c, dict) or c.keys() - _CACHE_FIELDS:
+        raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "cache must be an object with skip_read, skip_write and ttl_s")
+    for flag in ("skip_read", "skip_write"):
+        if flag in c:
+            if not isinstance(c[flag], bool):
+                raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"cache.{flag} must be true or false")
+            setattr(out, flag, c[flag])
+    if (n := _int(c, "ttl_s")) is not None:
+        if not 0 <= n < 2**32:
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, "cache.ttl_s must be a non-negative integer")
+        out.ttl_s = n
 
 
 def _message(out: pb.ChatMessage, m: object, i: int) -> None:
@@ -154,10 +172,16 @@ def _message(out: pb.ChatMessage, m: object, i: int) -> None:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].content parts must be text parts")
             texts.append(part["text"])
+            if "cache_control" in part:  # Anthropic's breakpoint on a content part: after this message
+                out.cache_breakpoint = True
         out.content = "".join(texts)
     elif content is not None:
         raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].content must be a string")
     out.name = _str(m, "name", where=f"messages[{i}].")
+    if "cache_control" in m:  # {"type": "ephemeral"}: a prompt-cache breakpoint after this message
+        if not isinstance(m["cache_control"], dict):
+            raise FrameError(pb.ERROR_CODE_INVALID_REQUEST, f"messages[{i}].cache_control must be an object")
+        out.cache_breakpoint = True
     out.tool_call_id = _str(m, "tool_call_id", where=f"messages[{i}].")
     calls = m.get("tool_calls")
     if calls is not None:
@@ -286,8 +310,18 @@ def _ms(us: int) -> float:
     return round(us / 1000, 3)
 
 
-def _usage(u: pb.Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens}
+def _usage(u: pb.Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens}
+    if u.cached_input_tokens or u.cache_write_input_tokens:  # the provider's prompt cache
+        out["cached_input_tokens"] = u.cached_input_tokens
+        out["cache_write_input_tokens"] = u.cache_write_input_tokens
+    if u.cached:  # replayed from the response cache
+        out["cached"] = True
+    return out
+
+
+def _cache_hit(h: pb.CacheHit) -> dict[str, Any]:
+    return {"kind": h.kind, "score": round(h.score, 4)}
 
 
 def _attempts(parts: Iterable[pb.AttemptUsage]) -> list[dict[str, Any]]:
@@ -324,6 +358,21 @@ def encode_token(f: pb.ServerFrame) -> bytes:
 
 def _enc_started(f: pb.ServerFrame) -> bytes:
     s = f.started
+    if s.HasField("cache"):
+        return orjson.dumps(
+            {
+                "type": "started",
+                "id": s.stream_id,
+                "seq": s.seq,
+                "model": s.model,
+                "provider": s.provider,
+                "upstream_model": s.upstream_model,
+                "deployment": s.deployment,
+                "token": "",
+                "latency": _latency(s.latency_us),
+                "cache": _cache_hit(s.cache),
+            }
+        )
     return orjson.dumps(
         {
             "type": "started",
@@ -354,6 +403,8 @@ def _enc_done(f: pb.ServerFrame) -> bytes:
     }
     if len(d.attempts_usage) > 1:  # continued on another deployment: each part (their sum is usage)
         out["attempts"] = _attempts(d.attempts_usage)
+    if d.HasField("cache"):
+        out["cache"] = _cache_hit(d.cache)
     return orjson.dumps(out)
 
 

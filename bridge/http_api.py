@@ -163,6 +163,36 @@ def credential_of(request: web.Request) -> str:
     return found.pop()
 
 
+# The response cache on the HTTP APIs (docs/caching.md): RFC 9111's request directives
+# `Cache-Control: no-cache` (do not answer from the cache) and `no-store` (do not store this
+# answer), and `X-LLMProxy-Cache-TTL: seconds`. A replayed answer's response says
+# `X-LLMProxy-Cache: exact` (or `semantic; score=0.93`).
+CACHE_TTL_HEADER = "X-LLMProxy-Cache-TTL"
+CACHE_HIT_HEADER = "X-LLMProxy-Cache"
+
+
+def cache_control_of(request: web.Request) -> pb.CacheControl | None:
+    """The request's cache controls, or None when it sets none. Raises `ApiError` 400 for a
+    malformed TTL."""
+    directives = {d.strip().split("=", 1)[0].lower() for v in request.headers.getall("Cache-Control", []) for d in v.split(",")}
+    ttl = request.headers.get(CACHE_TTL_HEADER)
+    if not ({"no-cache", "no-store"} & directives) and ttl is None:
+        return None
+    control = pb.CacheControl(skip_read="no-cache" in directives, skip_write="no-store" in directives)
+    if ttl is not None:
+        if not ttl.strip().isdigit() or int(ttl) >= 2**32:
+            raise ApiError(400, "invalid_request_error", "invalid_value", f"{CACHE_TTL_HEADER} must be a whole number of seconds")
+        control.ttl_s = int(ttl)
+    return control
+
+
+def cache_hit_headers(started: pb.StreamStarted | None) -> dict[str, str]:
+    if started is None or not started.HasField("cache"):
+        return {}
+    hit = started.cache
+    return {CACHE_HIT_HEADER: hit.kind if hit.kind == "exact" else f"{hit.kind}; score={hit.score:.4f}"}
+
+
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = "llmproxy"  # as the WebSocket port says; no library versions
 
@@ -276,6 +306,9 @@ class HttpApi:
             except orjson.JSONDecodeError as exc:
                 raise oai.invalid(f"the body is not valid JSON: {exc.msg}") from None
             start, stream, translator = await begin(body)
+            control = cache_control_of(request)
+            if control is not None:
+                start.start.cache.CopyFrom(control)
         except ApiError as exc:
             return self._error(shape, exc)
         except web.HTTPRequestEntityTooLarge:
@@ -316,21 +349,25 @@ class HttpApi:
                 raise oai.api_error(*link.end)
 
     async def _collect(self, link: HttpLink, shape: Shape, translator: Translator) -> web.Response:
+        started: pb.StreamStarted | None = None
         try:
             async for frames in self._batches(link):
                 for frame in frames:
                     if frame.HasField("error"):
                         e = frame.error
                         return self._error(shape, oai.api_error(e.code, e.message, e.retry_after_ms))
+                    if frame.HasField("started"):
+                        started = frame.started
                     translator.collect_frame(frame)
                 if translator.finished is not None:
-                    return json_response(translator.finished)
+                    return json_response(translator.finished, headers=cache_hit_headers(started))
         except ApiError as exc:
             return self._error(shape, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _stream(self, request: web.Request, link: HttpLink, shape: Shape, translator: Translator) -> web.StreamResponse:
         response: web.StreamResponse | None = None
+        started: pb.StreamStarted | None = None
         held: list[bytes] = []  # output before the headers are decided (the `started` chunk)
         try:
             async for frames in self._batches(link):
@@ -345,8 +382,10 @@ class HttpApi:
                         out.append(translator.stream_error(error))
                         await response.write(b"".join(out))
                         return response
+                    if kind == "started":
+                        started = frame.started
                     if response is None and kind in _CONTENT_KINDS:
-                        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **cache_hit_headers(started)})
                         await response.prepare(request)
                     data = translator.stream_frame(frame)
                     if data:

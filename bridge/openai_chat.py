@@ -218,6 +218,7 @@ def usage_dict(u: pb.Usage) -> dict[str, Any]:
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},  # the provider's prompt cache
         "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
 

@@ -287,7 +287,7 @@ class ResponsesEncoder:
             u = done.usage
             usage = {
                 "input_tokens": u.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": u.cached_input_tokens},
                 "output_tokens": u.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                 "total_tokens": u.prompt_tokens + u.completion_tokens,

@@ -177,13 +177,13 @@ def well_known_deployments(registry: Mapping[str, Provider], env: Mapping[str, s
 
 # -- the YAML file -------------------------------------------------------------------------------
 
-_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known", "routing"})
+_TOP_KEYS = frozenset({"models", "http", "defaults", "well_known", "routing", "cache"})  # cache: server/cache/setup.py
 _ROUTE_KEYS = frozenset({"strategy", "fallbacks", "after_first_token", "retry", "breaker"})
 _RETRY_KEYS = frozenset({"max_attempts", "backoff_base_s", "backoff_max_s", "deadline_s"})
 _BREAKER_KEYS = frozenset({"failures", "error_rate", "window_s", "min_requests", "cooldown_s", "half_open_probes"})
 _BUDGET_KEYS = frozenset({"percent", "min_concurrent"})
 _DEPLOYMENT_KEYS = frozenset(
-    {"provider", "model", "name", "base_url", "key", "weight", "timeouts", "headers", "api_version"}
+    {"provider", "model", "name", "base_url", "key", "weight", "timeouts", "headers", "api_version", "prompt_cache"}
 )
 _TIMEOUT_KEYS = frozenset({"connect_s", "first_token_s", "stall_s"})
 
@@ -368,7 +368,13 @@ class _Parser:
         api_version = self.string(fields["api_version"]) if "api_version" in fields else ""
         name = self.string(fields["name"]) if "name" in fields else f"{public}#{index + 1}"
         info = DeploymentInfo(name, provider_name, upstream, weight)
-        endpoint = Endpoint(provider_name, upstream, base_url, key, headers, timeouts, api_version)
+        prompt_cache = False
+        if "prompt_cache" in fields:  # `auto`: mark the stable prefix (system, tools, earlier turns)
+            mode = self.string(fields["prompt_cache"])
+            if mode not in ("auto", "off"):
+                raise self.error(fields["prompt_cache"], "prompt_cache must be auto or off")
+            prompt_cache = mode == "auto"
+        endpoint = Endpoint(provider_name, upstream, base_url, key, headers, timeouts, api_version, prompt_cache)
         return DeploymentSpec(public, info, endpoint)
 
     # -- typed readers --

@@ -30,6 +30,7 @@ from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
 from server.auth.policy import AuthPolicy
 from server.auth.store import KeyStore
+from server.cache.setup import build_cache
 from server.config import DEMO_MODES, ConfigError, ServerConfig, build_catalog
 from server.core.session import SessionLimits
 from server.providers.demo import DemoPace
@@ -212,7 +213,10 @@ async def serve(options: Options) -> None:
         analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
     auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
-    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth)
+    cache = build_cache(config.config_path, catalog)  # issue 16: the response cache (None without `cache:`)
+    if cache is not None:
+        metrics.watch_cache(cache)
+    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth, cache=cache)
     if options.metrics_listen:
         from prometheus_client import start_http_server
 

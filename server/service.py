@@ -36,6 +36,7 @@ from server.analytics.sink import Analytics
 from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
 from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
 from server.auth.tenancy import tenant_view, watching
+from server.cache.cache import ResponseCache
 from server.catalog import Catalog
 from server.core.events import Attempt, Failed, Routed, StreamEvent
 from server.core.registry import SessionRegistry
@@ -80,9 +81,10 @@ class Attachment(Protocol):
 class SessionRuntime:
     """Drives one session's upstream work."""
 
-    def __init__(self, session: Session, router: Router, tracer: Tracer | None = None) -> None:
+    def __init__(self, session: Session, router: Router, tracer: Tracer | None = None, cache: ResponseCache | None = None) -> None:
         self.session = session
         self._router = router
+        self._cache = cache  # the response cache (server/cache/); None: off
         self.tracer = tracer  # OpenTelemetry (server/tracing.py); None: off
         self.trace_parent: TraceContext | None = None  # the client's traceparent, if it sent one
         self._upstreams: dict[str, asyncio.Task[None]] = {}
@@ -140,7 +142,8 @@ class SessionRuntime:
         trace = tracer.begin_stream(session.id, stream_id, self.trace_parent) if tracer else None
         attempt_error: str | None = "cancelled"  # until the upstream work ends otherwise
         try:
-            async with aclosing(self._router.stream(action.request)) as events:
+            source = self._router.stream(action.request) if self._cache is None else self._cache.stream(self._router.stream, action, session.owner)
+            async with aclosing(source) as events:
                 async for event in events:
                     if tracer and trace and isinstance(event, Attempt):  # a retry or failover replaces a failed one
                         tracer.begin_attempt(trace, event.provider, event.upstream_model, event.deployment)
@@ -280,8 +283,10 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         settings: ServiceSettings,
         analytics: Analytics | None = None,
         auth: AuthPolicy | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._router = router
+        self._cache = cache  # the response cache (server/cache/), None when off
         self._auth = auth  # None: no keys configured (loopback only, see server/main.py)
         self._catalog = catalog
         self._settings = settings
@@ -310,7 +315,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         """A fresh session of `owner` (an API key id, "" without keys), not yet attached, that
         came in through `api` (for analytics). Raises `TooManySessions`."""
         session = self._registry.create(time.monotonic_ns(), owner, api)
-        runtime = SessionRuntime(session, self._router, self._analytics.tracer)
+        runtime = SessionRuntime(session, self._router, self._analytics.tracer, self._cache)
         self._runtimes[session.id] = runtime
         return runtime
 
@@ -498,6 +503,11 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             while True:
                 await context.write(self._analytics.snapshot(tenant_view(principal, self._runtimes.values())))
                 await asyncio.sleep(interval_s)
+
+    async def DeleteCache(self, request: pb.DeleteCacheRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCacheResponse:
+        principal = await self._authenticate(context)  # a key deletes its own entries only
+        deleted = self._cache.delete(principal.key_id if principal else "", request.model) if self._cache else 0
+        return pb.DeleteCacheResponse(deleted=deleted)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         principal = await self._authenticate(context)

@@ -80,6 +80,11 @@ function render(s) {
   text($("ended"), s.ended_1m);
   text($("errors"), s.ended_1m ? `${((100 * s.errors_1m) / s.ended_1m).toFixed(1)} %` : "–");
   text($("ux"), s.ended_1m ? s.ux_score.toFixed(2) : "–");
+  // the response cache: hit rate, and the tokens and provider time its replays saved
+  const hits = s.cache_hits_1m || 0;
+  text($("cache-hits"), s.ended_1m ? `${((100 * hits) / s.ended_1m).toFixed(1)} %` : "–");
+  text($("cache-saved"), hits ? `${Number(s.cache_saved_tokens_1m || 0).toLocaleString()} tok · ${((s.cache_saved_ms_1m || 0) / 1000).toFixed(1)} s` : "–");
+  text($("prompt-cached"), Number(s.cached_input_tokens_1m || 0).toLocaleString());
   history.push(s.tokens_per_s);
   if (history.length > 60) history.shift();
   sparkline($("tps-spark"), history);

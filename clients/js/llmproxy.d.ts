@@ -65,12 +65,26 @@ export interface StreamRequest {
   tool_choice?: "auto" | "none" | "required" | string | { type: "function"; function: { name: string } };
   /** Keep this conversation's history on the server: send only the new user message. */
   conversation?: string;
+  /** The server's response cache for this request (docs/caching.md). */
+  cache?: { skip_read?: boolean; skip_write?: boolean; ttl_s?: number };
 }
 
 export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   reasoning_tokens: number;
+  /** Prompt tokens read from / written to the provider's prompt cache (present when non-zero). */
+  cached_input_tokens?: number;
+  cache_write_input_tokens?: number;
+  /** The answer was replayed from the response cache: these are the recorded answer's counts. */
+  cached?: boolean;
+}
+
+/** The answer was replayed from the server's response cache. */
+export interface CacheHit {
+  kind: "exact" | "semantic";
+  /** The prompts' similarity (1 for an exact hit). */
+  score: number;
 }
 
 /** One upstream attempt's own usage (a stream continued on another deployment has several). */
@@ -104,6 +118,7 @@ export interface StartedFrame extends FrameBase {
   provider: string;
   upstream_model: string;
   deployment: string;
+  cache?: CacheHit;
 }
 
 export interface TokenFrame extends FrameBase {
@@ -141,6 +156,7 @@ export interface DoneFrame extends FrameBase {
   deployment: string;
   /** Present when more than one attempt answered: each one's usage, in order; their sum is `usage`. */
   attempts?: AttemptUsage[];
+  cache?: CacheHit;
 }
 
 export interface ErrorFrame extends FrameBase {

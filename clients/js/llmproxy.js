@@ -94,7 +94,7 @@ export class LLMProxyError extends Error {
 }
 
 /** Generation parameters `stream()` passes through to the start frame. */
-const START_FIELDS = ["temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation"];
+const START_FIELDS = ["temperature", "top_p", "max_tokens", "stop", "seed", "tools", "tool_choice", "conversation", "cache"];
 
 /** One stream: iterate it for token texts, or set the callbacks. */
 export class StreamHandle {
@@ -524,7 +524,7 @@ export class LLMProxyClient {
   /**
    * Starts a stream and returns its handle at once. Connects first if needed;
    * frames wait in order until the socket is ready (also while reconnecting).
-   * @param request  {model, messages, max_tokens, temperature, top_p, stop, seed, tools, tool_choice, conversation, id}
+   * @param request  {model, messages, max_tokens, temperature, top_p, stop, seed, tools, tool_choice, conversation, cache, id}
    * @param callbacks {onStarted, onToken, onRestarted, onFrame, onDone, onError}
    * Throws `LLMProxyError` `duplicate_stream_id` if `request.id` names a live stream.
    */

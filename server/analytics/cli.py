@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = log.stats(args.window_s, args.group_by)
     finally:
         log.close()
-    headers = ("name", "streams", "errors", "cancelled", "completion_tokens", "ttft_p50_ms", "ttft_p95_ms", "itl_p95_ms", "ux_score")
+    headers = ("name", "streams", "errors", "cancelled", "completion_tokens", "ttft_p50_ms", "ttft_p95_ms", "itl_p95_ms", "ux_score", "cache_hits", "cached_input_tokens")
     table = [headers] + [tuple(_fmt(row[h]) for h in headers) for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     for row in table:

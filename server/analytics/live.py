@@ -104,6 +104,10 @@ class LiveWindow:
             ended_1m=len(records),
             errors_1m=sum(r.failed for r in records),
             ux_score=statistics.fmean(r.ux_score for r in records) if records else 0.0,
+            cache_hits_1m=sum(1 for r in records if r.cache),
+            cache_saved_tokens_1m=sum(r.prompt_tokens + r.completion_tokens for r in records if r.cache),
+            cache_saved_ms_1m=sum(r.cache_saved_us for r in records) / 1000,
+            cached_input_tokens_1m=sum(r.cached_input_tokens for r in records),
         )
         snap.ttft_bounds_ms.extend(b if b != float("inf") else 0 for b in TTFT_BOUNDS_MS)
         snap.ttft_counts.extend(_histogram([r.timing.ttft_us / 1000 for r in records if r.timing.tokens], TTFT_BOUNDS_MS))

@@ -18,6 +18,16 @@
 - llmproxy_breaker_transitions_total        per deployment and state (open, closed)
 - llmproxy_breaker_state                    per deployment: 0 closed, 1 half-open, 2 open, read
                                             from the router at each scrape
+- llmproxy_cache_hits_total                 per model and kind (exact, semantic): streams replayed
+                                            from the response cache
+- llmproxy_cache_saved_tokens_total, llmproxy_cache_saved_provider_seconds_total  per model: the
+                                            replayed answers' tokens and recorded provider time
+- llmproxy_cache_lookups_total              by result (exact, semantic, miss), read at each scrape
+- llmproxy_cache_entries, llmproxy_cache_bytes, llmproxy_cache_evictions_total (reason: size,
+                                            expired), llmproxy_cache_lookup_seconds_total: the store
+- llmproxy_cache_semantic_score             histogram: the best similarity of each semantic lookup
+- llmproxy_prompt_cache_tokens_total        per model, provider and kind (read, write): prompt
+                                            tokens served from / written to the providers' caches
 
 Labels are bounded: model and deployment come from the configuration (a stream with a model
 that is not configured is rejected before it exists), provider from the registry, status from
@@ -32,10 +42,18 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.core.session import StreamRecord
+
+
+class CacheSource(Protocol):
+    """What the metrics read from the response cache (server.cache.cache.ResponseCache)."""
+
+    def metric_values(self) -> dict[str, float]: ...
+
+    score_observers: list[Callable[[float], None]]
 from server.routing.attempts import AttemptFailed, BreakerMoved, FailingOver, Note, Retrying
 
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -64,6 +82,29 @@ class _BreakerCollector(Collector):
             family.add_metric((name,), BREAKER_STATE_VALUES.get(state, 0))
         yield family
 
+class _CacheCollector(Collector):
+    """The response cache's lookups and store, read at scrape time (plain numbers, so reading
+    them from the metrics thread is safe)."""
+
+    def __init__(self, cache: CacheSource) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        v = self._cache.metric_values()
+        lookups = CounterMetricFamily("llmproxy_cache_lookups", "Response cache lookups by result", labels=("result",))
+        for result in ("exact", "semantic", "miss"):
+            lookups.add_metric((result,), v.get(f"lookups_{result}", 0))
+        yield lookups
+        yield GaugeMetricFamily("llmproxy_cache_entries", "Entries in the response cache", value=v.get("entries", 0))
+        yield GaugeMetricFamily("llmproxy_cache_bytes", "Bytes held by the response cache (answers and vectors)", value=v.get("bytes", 0))
+        evictions = CounterMetricFamily("llmproxy_cache_evictions", "Entries removed by the bounds or their TTL", labels=("reason",))
+        evictions.add_metric(("size",), v.get("evicted", 0))
+        evictions.add_metric(("expired",), v.get("expired", 0))
+        yield evictions
+        yield CounterMetricFamily("llmproxy_cache_lookup_seconds", "Time spent in cache lookups (key, embedding, index)", value=v.get("lookup_s", 0))
+
+
+_SCORE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.98, 0.99, 1.0)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
@@ -137,6 +178,23 @@ class Metrics:
             "llmproxy_breaker_transitions", "Circuit breakers opening and closing, per deployment", ("deployment", "state"),
             registry=self.registry,
         )
+        self.cache_hits = Counter(
+            "llmproxy_cache_hits", "Streams replayed from the response cache", ("gen_ai_request_model", "kind"), registry=self.registry
+        )
+        self.cache_saved_tokens = Counter(
+            "llmproxy_cache_saved_tokens", "Tokens of the replayed answers", ("gen_ai_request_model",), registry=self.registry
+        )
+        self.cache_saved_time = Counter(
+            "llmproxy_cache_saved_provider", "Recorded provider time of the replayed answers", ("gen_ai_request_model",),
+            unit="seconds", registry=self.registry,
+        )
+        self.semantic_score = Histogram(
+            "llmproxy_cache_semantic_score", "Best similarity of each semantic lookup", buckets=_SCORE_BUCKETS, registry=self.registry
+        )
+        self.prompt_cache_tokens = Counter(
+            "llmproxy_prompt_cache_tokens", "Prompt tokens read from (read) or written to (write) the providers' prompt caches",
+            ("gen_ai_request_model", "gen_ai_provider_name", "kind"), registry=self.registry,
+        )
         self.active = Gauge("llmproxy_active_streams", "Streams generating now", registry=self.registry)
         self.sessions = Gauge("llmproxy_sessions", "Sessions held", registry=self.registry)
 
@@ -157,6 +215,14 @@ class Metrics:
         if t.stalls:
             self.stalls.labels(*labels).inc(t.stalls)
         self.streams.labels(*labels, r.status).inc()
+        if r.cache:
+            self.cache_hits.labels(r.model, r.cache).inc()
+            self.cache_saved_tokens.labels(r.model).inc(r.prompt_tokens + r.completion_tokens)
+            self.cache_saved_time.labels(r.model).inc(r.cache_saved_us / 1e6)
+        if r.cached_input_tokens:
+            self.prompt_cache_tokens.labels(r.model, labels[1], "read").inc(r.cached_input_tokens)
+        if r.cache_write_input_tokens:
+            self.prompt_cache_tokens.labels(r.model, labels[1], "write").inc(r.cache_write_input_tokens)
         api = r.api or "grpc"
         self.api_streams.labels(api, r.status).inc()
         if t.tokens:
@@ -172,6 +238,11 @@ class Metrics:
         """Counts the router's operator notes and exposes its breaker states."""
         router.observers.append(self.observe_routing)
         self.registry.register(_BreakerCollector(router.breaker_states))
+
+    def watch_cache(self, cache: CacheSource) -> None:
+        """Exposes the response cache's lookups and store, and its semantic scores."""
+        self.registry.register(_CacheCollector(cache))
+        cache.score_observers.append(self.semantic_score.observe)
 
     def observe_routing(self, note: Note) -> None:
         """One operator note: a failed attempt, a retry, a failover or a breaker move."""

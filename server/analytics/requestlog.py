@@ -23,7 +23,24 @@ _COLUMNS = (
     "tokens INTEGER, tokens_per_s REAL, itl_p50_us INTEGER, itl_p95_us INTEGER, itl_p99_us INTEGER, "
     "itl_max_us INTEGER, stalls INTEGER, relay_p50_us INTEGER, relay_max_us INTEGER, attempts INTEGER, "
     "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER, client TEXT NOT NULL DEFAULT '', "
-    "api TEXT NOT NULL DEFAULT ''"
+    "api TEXT NOT NULL DEFAULT '', "
+    "cache TEXT NOT NULL DEFAULT '', cache_score REAL NOT NULL DEFAULT 0, "
+    "cached_input_tokens INTEGER NOT NULL DEFAULT 0, cache_write_input_tokens INTEGER NOT NULL DEFAULT 0"
+)
+# Columns added after the first release, with their definitions (an older log gains them).
+_ADDED = {
+    "client": "TEXT NOT NULL DEFAULT ''",  # per-client rows
+    "api": "TEXT NOT NULL DEFAULT ''",  # per-API rows
+    "cache": "TEXT NOT NULL DEFAULT ''",  # "exact" / "semantic": answered from the response cache
+    "cache_score": "REAL NOT NULL DEFAULT 0",
+    "cached_input_tokens": "INTEGER NOT NULL DEFAULT 0",  # read from the provider's prompt cache
+    "cache_write_input_tokens": "INTEGER NOT NULL DEFAULT 0",
+}
+_INSERT = (
+    "INSERT INTO streams (ended_ms, stream_id, model, provider, deployment, status, failed, ttft_us, total_us, tokens, "
+    "tokens_per_s, itl_p50_us, itl_p95_us, itl_p99_us, itl_max_us, stalls, relay_p50_us, relay_max_us, attempts, ux_score, "
+    "prompt_tokens, completion_tokens, reasoning_tokens, client, api, cache, cache_score, cached_input_tokens, "
+    f"cache_write_input_tokens) VALUES ({', '.join('?' * 29)})"
 )
 GROUPS = {"model": "model", "deployment": "deployment", "provider": "provider", "client": "client", "api": "api"}
 
@@ -37,10 +54,9 @@ class RequestLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"CREATE TABLE IF NOT EXISTS streams ({_COLUMNS})")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(streams)")}
-        if "client" not in columns:  # a log written before per-client rows
-            self._db.execute("ALTER TABLE streams ADD COLUMN client TEXT NOT NULL DEFAULT ''")
-        if "api" not in columns:  # a log written before per-API rows
-            self._db.execute("ALTER TABLE streams ADD COLUMN api TEXT NOT NULL DEFAULT ''")
+        for name, definition in _ADDED.items():  # a log written before these columns
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE streams ADD COLUMN {name} {definition}")
         self._db.execute("CREATE INDEX IF NOT EXISTS streams_ended ON streams (ended_ms)")
         self._last_prune_ms = 0
 
@@ -53,13 +69,13 @@ class RequestLog:
                 r.timing.itl_p50_us, r.timing.itl_p95_us, r.timing.itl_p99_us, r.timing.itl_max_us,
                 r.timing.stalls, r.timing.relay_p50_us, r.timing.relay_max_us, r.timing.attempts,
                 r.ux_score, r.prompt_tokens, r.completion_tokens, r.reasoning_tokens, r.client or "anonymous",
-                r.api,
+                r.api, r.cache, r.cache_score, r.cached_input_tokens, r.cache_write_input_tokens,
             )
             for r in records
         ]
         with self._lock:
             if rows:
-                self._db.executemany(f"INSERT INTO streams VALUES ({', '.join('?' * 25)})", rows)
+                self._db.executemany(_INSERT, rows)
             if now_ms - self._last_prune_ms > 60_000:
                 self._db.execute("DELETE FROM streams WHERE ended_ms < ?", (now_ms - self._retention_ms,))
                 self._last_prune_ms = now_ms
@@ -74,11 +90,11 @@ class RequestLog:
         only = "" if client is None else " AND client = ?"
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens "
+                f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens, cache, cached_input_tokens "
                 f"FROM streams WHERE ended_ms >= ?{only} ORDER BY 1",
                 (since,) if client is None else (since, client),
             ).fetchall()
-        groups: dict[str, list[tuple[int, str, int, int, int, float, int]]] = {}
+        groups: dict[str, list[tuple[int, str, int, int, int, float, int, str, int]]] = {}
         for name, *rest in rows:
             groups.setdefault(name, []).append(tuple(rest))
         out: list[dict[str, float | int | str]] = []
@@ -96,6 +112,8 @@ class RequestLog:
                     "ttft_p95_ms": _pct(ttfts, 0.95) / 1000,
                     "itl_p95_ms": (statistics.median(itls) / 1000) if itls else 0.0,
                     "ux_score": statistics.fmean(i[5] for i in items),
+                    "cache_hits": sum(1 for i in items if i[7]),
+                    "cached_input_tokens": sum(i[8] for i in items),
                 }
             )
         return out

@@ -58,6 +58,8 @@ class UsageReport:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cached_input_tokens: int = 0  # prompt tokens read from the provider's prompt cache
+    cache_write_input_tokens: int = 0  # prompt tokens written to it (Anthropic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,9 @@ class Routed:
     provider: str
     upstream_model: str
     deployment: str
+    cache: str = ""  # "exact" or "semantic" when the answer is replayed from the response cache
+    cache_score: float = 0.0  # the prompts' similarity for a semantic hit
+    cache_saved_us: int = 0  # the recorded answer's provider time, saved by the replay
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ class ChatMessage:
     name: str = ""
     tool_call_id: str = ""  # role "tool"
     tool_calls: tuple[ToolCall, ...] = ()  # role "assistant"
+    cache_breakpoint: bool = False  # a prompt-cache breakpoint after this message (Anthropic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +46,12 @@ class ChatRequest:
     seed: int | None = None
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = ""  # "", "auto", "none", "required" or a tool name
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """What one request lets the response cache do (the start frame's `cache`)."""
+
+    skip_read: bool = False
+    skip_write: bool = False
+    ttl_s: int = 0  # 0: the configured TTL

@@ -51,7 +51,7 @@ from server.core.events import (
     ToolCallDelta,
     UsageReport,
 )
-from server.core.request import ChatMessage, ChatRequest
+from server.core.request import CacheControl, ChatMessage, ChatRequest
 from server.core.session_limits import SessionLimits
 from server.core.stream import CANCEL, MODIFY, Phase, Stream, TimingSummary, ux_score
 from server.core.validate import to_messages, to_request
@@ -101,12 +101,18 @@ class StreamRecord:
     completion_tokens: int
     reasoning_tokens: int
     api: str = ""  # the client API the session came in through ("grpc", "websocket", "openai.chat_completions", ...)
+    cached_input_tokens: int = 0  # from the provider's prompt cache
+    cache_write_input_tokens: int = 0
+    cache: str = ""  # "exact" / "semantic": replayed from the response cache
+    cache_score: float = 0.0
+    cache_saved_us: int = 0  # the provider time the replay saved (the recorded answer's)
 
 
 @dataclass(frozen=True, slots=True)
 class StartUpstream:
     stream_id: str
     request: ChatRequest
+    cache: CacheControl = CacheControl()
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +364,8 @@ class Session:
             stream.answered()
             stream.deployment = event.deployment
             stream.provider = event.provider
+            if event.cache:
+                stream.cache_hit = (event.cache, event.cache_score, event.cache_saved_us)
             if stream.seq == 0:  # the first routing; a failover before content, or a restart, sends nothing
                 stream.seq = 1
                 started = pb.StreamStarted(
@@ -369,6 +377,9 @@ class Session:
                     deployment=event.deployment,
                     latency_us=(now_ns - stream.started_ns) // 1000,
                 )
+                if event.cache:
+                    started.cache.kind = event.cache
+                    started.cache.score = event.cache_score
                 self._emit(stream, pb.ServerFrame(started=started), now_ns)
             elif phase is Phase.STREAMING:  # continued on another deployment mid-answer
                 stream.seq += 1
@@ -503,7 +514,8 @@ class Session:
             return
         self._ended.pop(stream_id, None)
         self._streams[stream_id] = Stream(stream_id, request, conversation, now_ns, self._limits.max_replay_frames)
-        self._actions.append(StartUpstream(stream_id, request))
+        control = start.cache
+        self._actions.append(StartUpstream(stream_id, request, CacheControl(control.skip_read, control.skip_write, control.ttl_s)))
 
     def _with_history(self, conversation: str, request: ChatRequest) -> ChatRequest:
         if any(s.conversation == conversation for s in self._streams.values()):
@@ -559,7 +571,8 @@ class Session:
         self._settle(sid)
         stream.restart(request, now_ns)
         self._actions.append(CancelUpstream(sid))
-        self._actions.append(StartUpstream(sid, request))
+        # A modified generation is never answered from, nor stored in, the response cache.
+        self._actions.append(StartUpstream(sid, request, CacheControl(skip_read=True, skip_write=True)))
         stream.seq += 1
         restarted = pb.StreamRestarted(stream_id=sid, seq=stream.seq, keep_partial=modify.keep_partial, latency_us=latency_us)
         self._emit(stream, pb.ServerFrame(restarted=restarted), now_ns)
@@ -591,6 +604,9 @@ class Session:
             latency_us=(now_ns - stream.last_ns) // 1000,
             attempts_usage=parts,
         )
+        if stream.cache_hit is not None:
+            done.cache.kind, done.cache.score = stream.cache_hit[0], stream.cache_hit[1]
+            done.usage.cached = True
         self._emit(stream, pb.ServerFrame(done=done), now_ns)
 
     def _fail(self, stream: Stream, error: ProxyError, now_ns: int) -> None:
@@ -647,6 +663,11 @@ class Session:
                 completion_tokens=usage.completion_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
                 api=self.api,
+                cached_input_tokens=usage.cached_input_tokens,
+                cache_write_input_tokens=usage.cache_write_input_tokens,
+                cache=stream.cache_hit[0] if stream.cache_hit else "",
+                cache_score=stream.cache_hit[1] if stream.cache_hit else 0.0,
+                cache_saved_us=stream.cache_hit[2] if stream.cache_hit else 0,
             )
         )
         return pb.Timing(
@@ -690,6 +711,8 @@ def _usage(stream: Stream) -> tuple[pb.Usage, list[pb.AttemptUsage]]:
             prompt_tokens=stream.prompt_tokens,
             completion_tokens=stream.completion_tokens or stream.relayed(),
             reasoning_tokens=stream.reasoning_tokens,
+            cached_input_tokens=stream.cached_input_tokens,
+            cache_write_input_tokens=stream.cache_write_input_tokens,
         ), []
     total = pb.Usage()
     out = []
@@ -697,11 +720,17 @@ def _usage(stream: Stream) -> tuple[pb.Usage, list[pb.AttemptUsage]]:
         total.prompt_tokens += u.prompt_tokens
         total.completion_tokens += u.completion_tokens
         total.reasoning_tokens += u.reasoning_tokens
+        total.cached_input_tokens += u.cached_input_tokens
+        total.cache_write_input_tokens += u.cache_write_input_tokens
         out.append(
             pb.AttemptUsage(
                 deployment=deployment,
                 usage=pb.Usage(
-                    prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, reasoning_tokens=u.reasoning_tokens
+                    prompt_tokens=u.prompt_tokens,
+                    completion_tokens=u.completion_tokens,
+                    reasoning_tokens=u.reasoning_tokens,
+                    cached_input_tokens=u.cached_input_tokens,
+                    cache_write_input_tokens=u.cache_write_input_tokens,
                 ),
             )
         )

@@ -148,6 +148,9 @@ class Stream:
         "prompt_tokens",
         "completion_tokens",
         "reasoning_tokens",
+        "cached_input_tokens",
+        "cache_write_input_tokens",
+        "cache_hit",
         "deployment",
         "provider",
         "attempts",
@@ -182,6 +185,9 @@ class Stream:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reasoning_tokens = 0
+        self.cached_input_tokens = 0
+        self.cache_write_input_tokens = 0
+        self.cache_hit: tuple[str, float, int] | None = None  # (kind, score, saved us): replayed from the response cache
         self.answers = 0  # attempts of this generation that answered (Routed events)
         self.answer_from = 0  # content events relayed before the current attempt answered
         self.attempt_usage: list[tuple[str, UsageReport]] = []  # AttemptEnded, in order
@@ -231,6 +237,10 @@ class Stream:
             self.completion_tokens = usage.completion_tokens
         if usage.reasoning_tokens:
             self.reasoning_tokens = usage.reasoning_tokens
+        if usage.cached_input_tokens:
+            self.cached_input_tokens = usage.cached_input_tokens
+        if usage.cache_write_input_tokens:
+            self.cache_write_input_tokens = usage.cache_write_input_tokens
 
     def answered(self) -> None:
         """An upstream attempt answered (a Routed event): the stream's content from here on is
@@ -253,15 +263,19 @@ class Stream:
         relayed (a lower bound that keeps a stopped answer from being billed as zero)."""
         parts = list(self.attempt_usage)
         if self.answers > len(parts):
-            prompt = completion = reasoning = 0
+            prompt = completion = reasoning = cached = written = 0
             for _, u in parts:
                 prompt += u.prompt_tokens
                 completion += u.completion_tokens
                 reasoning += u.reasoning_tokens
+                cached += u.cached_input_tokens
+                written += u.cache_write_input_tokens
             own = UsageReport(
                 max(self.prompt_tokens - prompt, 0),
                 max(self.completion_tokens - completion, 0) or (self.relayed() - self.answer_from),
                 max(self.reasoning_tokens - reasoning, 0),
+                max(self.cached_input_tokens - cached, 0),
+                max(self.cache_write_input_tokens - written, 0),
             )
             parts.append((self.deployment, own))
         return parts

@@ -30,6 +30,7 @@ def to_messages(messages: Iterable[pb.ChatMessage], limits: SessionLimits, field
                 name=m.name,
                 tool_call_id=m.tool_call_id,
                 tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                cache_breakpoint=m.cache_breakpoint,
             )
         )
         if len(out) > limits.max_messages:

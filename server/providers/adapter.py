@@ -81,6 +81,7 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     api_version: str = ""  # Azure OpenAI `api-version`
+    prompt_cache: bool = False  # mark the stable prefix for the provider's prompt cache (Anthropic)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,14 +76,21 @@ _FINISH = {
 }
 
 
-def build_body(request: ChatRequest, model: str) -> dict[str, Any]:
+# Anthropic allows at most 4 cache breakpoints per request.
+MAX_BREAKPOINTS = 4
+_EPHEMERAL = {"type": "ephemeral"}
+
+
+def build_body(request: ChatRequest, model: str, auto_cache: bool = False) -> dict[str, Any]:
     """The Messages body for `request`; raises `InvalidRequest`."""
     if request.seed is not None:
         raise InvalidRequest("anthropic does not support seed")
     if request.temperature is not None and not 0.0 <= request.temperature <= 1.0:
         raise InvalidRequest("anthropic accepts a temperature between 0 and 1")
     system: list[str] = []
+    system_breakpoint = False
     turns: list[dict[str, Any]] = []
+    marked: list[dict[str, Any]] = []  # blocks the client marked (cache_control passed through)
     for m in request.messages:
         if m.name:
             raise InvalidRequest("anthropic does not support message names")
@@ -91,6 +98,7 @@ def build_body(request: ChatRequest, model: str) -> dict[str, Any]:
             if turns:
                 raise InvalidRequest("anthropic accepts system messages only before the conversation")
             system.append(m.content)
+            system_breakpoint = system_breakpoint or m.cache_breakpoint
             continue
         blocks: list[dict[str, Any]] = []
         if m.role == "tool":
@@ -111,6 +119,8 @@ def build_body(request: ChatRequest, model: str) -> dict[str, Any]:
                         "input": parse_json_arg(call.arguments, f"the arguments of tool call {call.id!r}"),
                     }
                 )
+        if m.cache_breakpoint and blocks:
+            marked.append(blocks[-1])
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
@@ -123,6 +133,9 @@ def build_body(request: ChatRequest, model: str) -> dict[str, Any]:
     }
     if system:
         body["system"] = "\n\n".join(system)
+        if system_breakpoint or auto_cache:
+            body["system"] = [{"type": "text", "text": body["system"]}]
+            marked.insert(0, body["system"][0])
     if request.temperature is not None:
         body["temperature"] = request.temperature
     if request.top_p is not None:
@@ -140,7 +153,26 @@ def build_body(request: ChatRequest, model: str) -> dict[str, Any]:
         ]
     if request.tool_choice:
         body["tool_choice"] = _tool_choice(request)
+    if auto_cache:
+        _mark_stable_prefix(body, marked)
+    for block in marked[:MAX_BREAKPOINTS]:
+        block["cache_control"] = dict(_EPHEMERAL)
     return body
+
+
+def _mark_stable_prefix(body: dict[str, Any], marked: list[dict[str, Any]]) -> None:
+    """Adds breakpoints on what stays the same from one turn of a conversation to the next: the
+    tools (the last tool's breakpoint covers all of them), the system prompt (already marked) and
+    the earlier turns (the last block before the final user turn), within the limit of 4."""
+    if body.get("tools"):
+        marked.append(body["tools"][-1])
+    turns = body["messages"]
+    for turn in reversed(turns[:-1]):
+        if turn["content"]:
+            marked.append(turn["content"][-1])
+            break
+    seen: set[int] = set()
+    marked[:] = [b for b in marked if not (id(b) in seen or seen.add(id(b)))]  # type: ignore[func-returns-value]
 
 
 def _tool_choice(request: ChatRequest) -> dict[str, str]:
@@ -231,7 +263,10 @@ class MessagesDecoder:
                 + (usage.get("cache_creation_input_tokens") or 0)
                 + (usage.get("cache_read_input_tokens") or 0)
             )
-            return [UsageReport(prompt_tokens=prompt)] if prompt else []
+            # prompt caching: input_tokens excludes the cached and the written prefix
+            read = usage.get("cache_read_input_tokens") or 0
+            written = usage.get("cache_creation_input_tokens") or 0
+            return [UsageReport(prompt_tokens=prompt, cached_input_tokens=read, cache_write_input_tokens=written)] if prompt else []
         if kind == "message_delta":
             reason = (payload.get("delta") or {}).get("stop_reason")
             output = (payload.get("usage") or {}).get("output_tokens")
@@ -264,7 +299,7 @@ class AnthropicAdapter:
         return "https://api.anthropic.com/v1"
 
     def build_request(self, request: ChatRequest, endpoint: Endpoint) -> UpstreamRequest:
-        body = build_body(request, endpoint.upstream_model)
+        body = build_body(request, endpoint.upstream_model, endpoint.prompt_cache)
         headers = {
             "content-type": "application/json",
             "accept": "text/event-stream",

@@ -274,6 +274,7 @@ class GenerateContentDecoder:
                 prompt_tokens=usage.get("promptTokenCount") or 0,
                 completion_tokens=(usage.get("candidatesTokenCount") or 0) + thoughts,
                 reasoning_tokens=thoughts,
+                cached_input_tokens=usage.get("cachedContentTokenCount") or 0,  # implicit or explicit context caching
             )
             if report != self._usage:  # cumulative: send only what changed
                 self._usage = report

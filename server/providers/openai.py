@@ -226,11 +226,13 @@ class ChatCompletionsDecoder:
         if usage:
             self._usage_seen = True
             details = usage.get("completion_tokens_details") or {}
+            prompt_details = usage.get("prompt_tokens_details") or {}  # automatic prompt caching
             out.append(
                 UsageReport(
                     prompt_tokens=usage.get("prompt_tokens") or 0,
                     completion_tokens=usage.get("completion_tokens") or 0,
                     reasoning_tokens=details.get("reasoning_tokens") or 0,
+                    cached_input_tokens=prompt_details.get("cached_tokens") or 0,
                 )
             )
         return out

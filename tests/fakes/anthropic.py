@@ -53,7 +53,13 @@ class AnthropicFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens, knobs.offset)
+            script = self._generated(knobs.tokens, knobs.offset)
+            if knobs.cached is not None or knobs.cache_write is not None:
+                name, start = _parse(script.pre[0])
+                start["message"]["usage"]["cache_read_input_tokens"] = knobs.cached or 0
+                start["message"]["usage"]["cache_creation_input_tokens"] = knobs.cache_write or 0
+                script.pre[0] = _event(name, start)
+            return script
         pre: list[bytes] = []
         tokens: list[bytes] = []
         done: list[bytes] = []

@@ -26,6 +26,10 @@ public model at a failure mode. Knobs:
     crlf           CRLF line endings     split=K   write each event in K-byte pieces
     hang           accept the request and never answer (no status line, no headers)
     offset=K       `tokens=N` starts at generated word K (a continuation that repeats some)
+    cached=N       usage reports N prompt tokens read from the prompt cache (OpenAI
+                   prompt_tokens_details.cached_tokens, Anthropic cache_read_input_tokens,
+                   Gemini cachedContentTokenCount); cache_write=N: Anthropic
+                   cache_creation_input_tokens
     times=N        the failure knobs apply to the first N requests of this model string only
     period=P       with `times`: the pattern repeats every P requests (times=1,period=2 flaps)
     tag=X          ignored: makes a model string (and so its `times` counter) unique
@@ -71,6 +75,8 @@ class Knobs:
     split: int | None = None
     hang: bool = False
     offset: int = 0
+    cached: int | None = None  # prompt tokens reported as read from the provider's prompt cache
+    cache_write: int | None = None  # ... and as written to it (Anthropic)
     times: int | None = None
     period: int | None = None
     tag: str | None = None
@@ -170,6 +176,22 @@ class Provider:
 
     def malformed_event(self) -> bytes:
         return b'data: {"id":"broken","choices":[{"delta":{"content":"x"\n\n'
+
+    def unary(self, method: str, path: str, body: Any) -> tuple[int, Any] | None:
+        """A JSON answer for a non-streaming route (embeddings), or None: not one."""
+        return None
+
+
+def fake_embedding(text: str, dims: int = 64) -> list[float]:
+    """A deterministic bag-of-words embedding: each lower-cased word adds 1 to a dimension chosen
+    by its hash (stable across processes), so prompts with the same words point the same way."""
+    import hashlib
+    import re as _re
+
+    vector = [0.0] * dims
+    for word in _re.findall(r"\w+", text.lower()):
+        vector[int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dims] += 1.0
+    return vector
 
 
 def events_of(fixture: bytes) -> list[bytes]:
@@ -287,6 +309,14 @@ class FakeServer:
             await conn.send_json(200, self.state())
             return True
         self.requests.append(request)
+        try:
+            parsed = json.loads(body) if body else {}
+        except ValueError:
+            parsed = {}
+        unary = self.provider.unary(method, path, parsed if isinstance(parsed, dict) else {})
+        if unary is not None:
+            await conn.send_json(*unary)
+            return True
         if not self.provider.is_stream_request(method, path):
             await conn.send_json(404, {"error": {"message": f"no route {method} {path}"}})
             return True

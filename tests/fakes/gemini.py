@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
-from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, generated_tokens, main
+from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, fake_embedding, generated_tokens, main
 
 
 def _fixture(name: str) -> bytes:
@@ -46,15 +46,22 @@ class GeminiFake(Provider):
     def is_stream_request(self, method: str, path: str) -> bool:
         return method == "POST" and path.endswith(":streamGenerateContent")
 
+    def unary(self, method: str, path: str, body: Any) -> tuple[int, Any] | None:
+        # https://ai.google.dev/api/embeddings#method:-models.embedcontent
+        if method != "POST" or not path.endswith(":embedContent"):
+            return None
+        text = "".join(p.get("text", "") for p in (body.get("content") or {}).get("parts", []))
+        return 200, {"embedding": {"values": fake_embedding(text)}}
+
     def model_of(self, path: str, body: Any) -> str:
         return unquote(path.split("/models/", 1)[-1].split(":", 1)[0])
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens, knobs.offset)
+            return self._generated(knobs.tokens, knobs.offset, knobs.cached)
         return Script([], list(self._recordings.get(knobs.scenario, self._recordings["text"])), [])
 
-    def _generated(self, n: int, offset: int = 0) -> Script:
+    def _generated(self, n: int, offset: int = 0, cached: int | None = None) -> Script:
         recording = self._recordings["text"]
         template, last = _data(recording[0]), _data(recording[-1])
         tokens = []
@@ -65,6 +72,8 @@ class GeminiFake(Provider):
                 obj["usageMetadata"]["candidatesTokenCount"] = n
                 obj["usageMetadata"]["totalTokenCount"] = obj["usageMetadata"]["promptTokenCount"] + n
                 obj["usageMetadata"]["candidatesTokensDetails"][0]["tokenCount"] = n
+                if cached is not None:
+                    obj["usageMetadata"]["cachedContentTokenCount"] = cached
             tokens.append(_event(obj))
         return Script([], tokens, [])
 

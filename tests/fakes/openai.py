@@ -9,7 +9,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, generated_tokens, main
+from tests.fakes.base import ErrorAnswer, FakeServer, Knobs, Provider, Script, events_of, fake_embedding, generated_tokens, main
 
 
 def _fixture(name: str) -> bytes:
@@ -37,6 +37,15 @@ class OpenAIFake(Provider):
     def is_stream_request(self, method: str, path: str) -> bool:
         return method == "POST" and path.endswith("/chat/completions")
 
+    def unary(self, method: str, path: str, body: Any) -> tuple[int, Any] | None:
+        # https://platform.openai.com/docs/api-reference/embeddings/create
+        if method != "POST" or not path.endswith("/embeddings"):
+            return None
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        data = [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)]
+        return 200, {"object": "list", "data": data, "model": body.get("model", ""), "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+
     def model_of(self, path: str, body: Any) -> str:
         if "/openai/deployments/" in path:  # Azure: the deployment names the model
             return path.split("/openai/deployments/", 1)[1].split("/", 1)[0]
@@ -44,7 +53,7 @@ class OpenAIFake(Provider):
 
     def script(self, knobs: Knobs) -> Script:
         if knobs.tokens is not None:
-            return self._generated(knobs.tokens, knobs.offset)
+            return self._generated(knobs.tokens, knobs.offset, knobs.cached)
         pre: list[bytes] = []
         tokens: list[bytes] = []
         post: list[bytes] = []
@@ -63,7 +72,7 @@ class OpenAIFake(Provider):
                 pre.append(event)
         return Script(pre, tokens, post, done)
 
-    def _generated(self, n: int, offset: int = 0) -> Script:
+    def _generated(self, n: int, offset: int = 0, cached: int | None = None) -> Script:
         recording = self._recordings["text"]
         role, template = _data(recording[0]), _data(recording[1])
         finish, usage = _data(recording[-3]), _data(recording[-2])
@@ -72,6 +81,8 @@ class OpenAIFake(Provider):
             template["choices"][0]["delta"]["content"] = text
             tokens.append(_compact(template))
         usage["usage"] = {"prompt_tokens": 14, "completion_tokens": n, "total_tokens": 14 + n}
+        if cached is not None:
+            usage["usage"]["prompt_tokens_details"] = {"cached_tokens": cached, "audio_tokens": 0}
         return Script([_compact(role)], tokens, [_compact(finish), _compact(usage)], [recording[-1]])
 
     def error(self, status: int, knobs: Knobs) -> ErrorAnswer:

@@ -187,12 +187,17 @@ class LLMProxyClient:
         max_tokens: int | None = None,
         stop: Iterable[str] = (),
         seed: int | None = None,
+        cache: Mapping[str, Any] | None = None,
     ) -> StreamHandle:
         """Starts a stream and returns its handle at once (the start frame is written in the
-        background; a failure to write ends the handle with `LLMProxyError`)."""
+        background; a failure to write ends the handle with `LLMProxyError`). `cache`: the
+        response-cache controls, e.g. `{"skip_read": True}` or `{"ttl_s": 60}`
+        (docs/caching.md); `handle.started.cache.kind` says whether the answer was replayed."""
         sid = stream_id or f"py-{next(self._ids)}"
         params = pb.GenerationParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=list(stop), seed=seed)
         start = pb.StartStream(stream_id=sid, model=model, messages=[to_message(m) for m in messages], params=params)
+        if cache:
+            start.cache.CopyFrom(pb.CacheControl(**cache))
         handle = StreamHandle(self, sid)
         handle.start_frame = pb.ClientFrame(start=start)
         self._handles[sid] = handle

@@ -160,3 +160,53 @@ def test_live_window_counts_failed_attempts_retries_and_failovers_per_deployment
     assert (rows["backup"].streams, rows["backup"].failed_attempts, rows["backup"].failovers) == (0, 1, 1)
     live.tick(91 * S, 0)
     assert list(live.snapshot(0, 0, 0).deployments) == []
+
+
+def cached_record(sid="c", **kw):
+    from dataclasses import replace
+
+    return replace(record(sid), **kw)
+
+
+def test_cache_hits_and_prompt_cache_tokens_in_metrics_request_log_and_live_window(tmp_path):
+    hit = cached_record("h", cache="semantic", cache_score=0.93, cache_saved_us=2_500_000)
+    prompt_cached = cached_record("p", cached_input_tokens=40, cache_write_input_tokens=12)
+    m = Metrics()
+    for r in (record(), hit, prompt_cached):
+        m.observe(r)
+    text = m.exposition().decode()
+    assert 'llmproxy_cache_hits_total{gen_ai_request_model="demo",kind="semantic"} 1.0' in text
+    assert 'llmproxy_cache_saved_provider_seconds_total{gen_ai_request_model="demo"} 2.5' in text
+    assert 'llmproxy_cache_saved_tokens_total{gen_ai_request_model="demo"} 57.0' in text  # 7 + 50
+    assert 'llmproxy_prompt_cache_tokens_total{gen_ai_provider_name="demo",gen_ai_request_model="demo",kind="read"} 40.0' in text
+    assert 'llmproxy_prompt_cache_tokens_total{gen_ai_provider_name="demo",gen_ai_request_model="demo",kind="write"} 12.0' in text
+    log = RequestLog(tmp_path / "log.sqlite3")
+    log.write([record(), hit, prompt_cached])
+    (row,) = log.stats(3600)
+    assert row["cache_hits"] == 1 and row["cached_input_tokens"] == 40
+    log.close()
+    live = LiveWindow()
+    live.add([record(), hit, prompt_cached], 0)
+    snap = live.snapshot(0, 0, 0)
+    assert (snap.cache_hits_1m, snap.cache_saved_tokens_1m, snap.cache_saved_ms_1m, snap.cached_input_tokens_1m) == (1, 57, 2500.0, 40)
+
+
+def test_a_request_log_written_before_the_cache_columns_gains_them(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE streams (ended_ms INTEGER NOT NULL, stream_id TEXT NOT NULL, model TEXT NOT NULL, provider TEXT NOT NULL, "
+        "deployment TEXT NOT NULL, status TEXT NOT NULL, failed INTEGER NOT NULL, ttft_us INTEGER, total_us INTEGER, "
+        "tokens INTEGER, tokens_per_s REAL, itl_p50_us INTEGER, itl_p95_us INTEGER, itl_p99_us INTEGER, "
+        "itl_max_us INTEGER, stalls INTEGER, relay_p50_us INTEGER, relay_max_us INTEGER, attempts INTEGER, "
+        "ux_score REAL, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER)"
+    )
+    db.commit()
+    db.close()
+    log = RequestLog(path)
+    log.write([cached_record("h", cache="exact", cache_score=1.0)])
+    (row,) = log.stats(3600)
+    assert row["cache_hits"] == 1 and row["streams"] == 1
+    log.close()

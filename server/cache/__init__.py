@@ -1,0 +1,1 @@
+"""The response cache: exact and semantic answers replayed as streams (docs/caching.md)."""
