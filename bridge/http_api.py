@@ -40,6 +40,7 @@ from aiohttp import web
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from bridge.headers import one_header
 from bridge import anthropic_messages as anth
 from bridge import openai_chat as oai
 from bridge import openai_responses as resp
@@ -318,6 +319,7 @@ class HttpApi:
             credential=credential,
             origin=request.headers.get("Origin", ""),
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            traceparent=one_header(request.headers.getall("traceparent", [])),
             api=api,
         )
         link = HttpLink(opening)

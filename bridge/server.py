@@ -58,6 +58,7 @@ from websockets.typing import Subprotocol
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame, encode_token
+from bridge.headers import one_header
 from bridge.outbox import Outbox
 from bridge.relay import RelayLink
 
@@ -602,6 +603,7 @@ class Bridge:
             credential=key or "",
             origin=ws.request.headers.get("Origin", ""),
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            traceparent=one_header(ws.request.headers.get_all("traceparent")),
         )
         link = WSLink(ws, self.relay, opening, self._config.max_pending_bytes)
         link.conn = self.relay.open(link, opening)

@@ -39,6 +39,7 @@ import orjson
 from aiohttp import web
 
 from llmproxy.v1 import llmproxy_pb2 as pb
+from bridge.headers import one_header
 from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame
 from bridge.openai_chat import ApiError
 from bridge.relay import RelayLink
@@ -223,6 +224,7 @@ class SseTransport:
             credential=credential,
             origin=request.headers.get("Origin", ""),
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            traceparent=one_header(request.headers.getall("traceparent", [])),
             api="sse",
         )
         sid = secrets.token_urlsafe(24)

@@ -38,6 +38,7 @@ from server.auth.policy import Principal, bearer_token
 from server.core.session import CODE_TO_PROTO
 from server.errors import Code, ProxyError
 from server.service import Kick, LLMProxyServicer, SessionRuntime
+from server.tracing import parse_traceparent
 
 log = logging.getLogger("llmproxy.relay")
 
@@ -164,6 +165,7 @@ class RelayCall:
         try:
             principal = self._service.authenticate_credential(open_.credential)
             runtime = self._service.open_session(principal.key_id if principal else "", api_label(open_.api))
+            runtime.trace_parent = parse_traceparent(open_.traceparent or None)
         except ProxyError as exc:
             self._refuse(conn, exc)
             return

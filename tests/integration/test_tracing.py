@@ -152,3 +152,44 @@ def test_off_by_default_nothing_is_propagated(tmp_path, fake):
         server.stop()
     sent = provider_requests(fake, "traced-off")
     assert len(sent) == 2 and all("traceparent" not in q["headers"] for q in sent)
+
+
+def test_trace_context_from_a_websocket_handshake_and_an_http_request_is_the_streams_parent(tmp_path, fake):
+    import asyncio
+
+    import httpx
+
+    from tests.support.procs import start_bridge
+    from tests.support.ws import collect, open_ws, send, start_frame
+
+    receiver = Receiver()
+    path, _ = config_file(tmp_path, fake, "traced-relay")
+    server = start_server("--config", str(path), "--otlp-endpoint", receiver.url, env={"TRACING_KEY": KEY})
+    bridge = start_bridge(server.address, "--http-port", "0")
+    ws_span, http_span = "1111111111111111", "2222222222222222"
+    try:
+        async def over_websocket() -> None:
+            headers = {"traceparent": f"00-{TRACE_ID}-{ws_span}-01"}
+            async with open_ws(bridge.address, additional_headers=headers) as ws:
+                await send(ws, start_frame("w", PROMPT, model="traced"))
+                assert (await collect(ws, {"w"}))["w"][-1]["type"] == "done"
+
+        asyncio.run(over_websocket())
+        http_url = next(line.split(" on ", 1)[1].strip() for line in bridge.lines if line.startswith("llmproxy-bridge http on "))
+        answer = httpx.post(
+            f"{http_url}/v1/chat/completions",
+            json={"model": "traced", "messages": [{"role": "user", "content": PROMPT}]},
+            headers={"traceparent": f"00-{TRACE_ID}-{http_span}-01"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 20
+        while len([s for s in receiver.spans() if s["name"] == "chat traced"]) < 2:
+            assert time.monotonic() < deadline, receiver.spans()
+            time.sleep(0.1)
+    finally:
+        bridge.stop()
+        server.stop()
+        receiver.close()
+    parents = {s["parentSpanId"] for s in receiver.spans() if s["name"] == "chat traced" and s["traceId"] == TRACE_ID}
+    assert parents == {ws_span, http_span}
