@@ -155,6 +155,8 @@ bench: install-test
 	$(PY) -m bench.run --only A50,iv,iii_200 --server-arg=--no-analytics --out bench/results/no-analytics
 	@echo "== grpc.aio and websockets on their own (memory per idle connection, CPU per message, round trip, burst of starts): the floor =="
 	$(PY) -m bench.floor | tee bench/results/floor.txt
+	@echo "== the response cache: first token of a live answer, an exact hit and a semantic hit; lookup cost =="
+	$(PY) -m bench.cache_hit --rounds 20 | tee bench/results/cache.txt
 
 clean:
 	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

@@ -1,5 +1,5 @@
 """First-token time of a live answer, an exact cache hit and a semantic cache hit, and the cost
-of a cache lookup. A small script, not part of `make bench`:
+of a cache lookup; `make bench` runs it last and keeps its output in bench/results/cache.txt:
 
     python -m bench.cache_hit [--rounds 20] [--ttft 0.4] [--pace 0.02]
 
