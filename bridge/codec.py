@@ -358,34 +358,20 @@ def encode_token(f: pb.ServerFrame) -> bytes:
 
 def _enc_started(f: pb.ServerFrame) -> bytes:
     s = f.started
+    out: dict[str, Any] = {
+        "type": "started",
+        "id": s.stream_id,
+        "seq": s.seq,
+        "model": s.model,
+        "provider": s.provider,
+        "upstream_model": s.upstream_model,
+        "deployment": s.deployment,
+        "token": "",
+        "latency": _latency(s.latency_us),
+    }
     if s.HasField("cache"):
-        return orjson.dumps(
-            {
-                "type": "started",
-                "id": s.stream_id,
-                "seq": s.seq,
-                "model": s.model,
-                "provider": s.provider,
-                "upstream_model": s.upstream_model,
-                "deployment": s.deployment,
-                "token": "",
-                "latency": _latency(s.latency_us),
-                "cache": _cache_hit(s.cache),
-            }
-        )
-    return orjson.dumps(
-        {
-            "type": "started",
-            "id": s.stream_id,
-            "seq": s.seq,
-            "model": s.model,
-            "provider": s.provider,
-            "upstream_model": s.upstream_model,
-            "deployment": s.deployment,
-            "token": "",
-            "latency": _latency(s.latency_us),
-        }
-    )
+        out["cache"] = _cache_hit(s.cache)
+    return orjson.dumps(out)
 
 
 def _enc_done(f: pb.ServerFrame) -> bytes:

@@ -12,14 +12,14 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import grpc
 
 from bridge.http_api import HttpApi, HttpConfig
+from bridge.secret_file import read_secret
 from bridge.server import Bridge, BridgeConfig
-from bridge.supervisor import Supervisor
+from bridge.supervisor import Supervisor, run_loop
 
 log = logging.getLogger("llmproxy.bridge")
 
@@ -81,23 +81,11 @@ def parse_args(argv: list[str] | None) -> tuple[BridgeConfig, HttpConfig | None]
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         grpc_ca=args.grpc_ca,
-        relay_token=read_secret(args.relay_token_file),
+        relay_token=read_secret(args.relay_token_file, "llmproxy-bridge"),
         grpc_keepalive_ms=args.grpc_keepalive_ms,
         max_pending_bytes=args.max_pending_bytes,
         reattach_timeout_s=args.reattach_timeout_s,
     ), http
-
-
-def read_secret(path: str) -> str:
-    """The first line of a secret file, stripped; SystemExit with a clear message if unusable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.readline().strip()
-    except OSError as exc:
-        raise SystemExit(f"llmproxy-bridge: cannot read {path}: {exc.strerror}") from None
-    if len(secret) < 16:
-        raise SystemExit(f"llmproxy-bridge: {path} must hold a secret of at least 16 characters")
-    return secret
 
 
 def channel_options(keepalive_ms: int) -> list[tuple[str, int]]:
@@ -113,16 +101,6 @@ def channel_options(keepalive_ms: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),  # the relay may idle for hours
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # one batch carries many frames
     ]
-
-
-def run_loop(coro_factory: Callable[[], Coroutine[object, object, None]]) -> None:
-    """Runs under uvloop when it is installed (measured faster in make bench)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(coro_factory())
-    else:
-        uvloop.run(coro_factory())
 
 
 async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> None:

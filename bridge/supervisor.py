@@ -1,4 +1,4 @@
-"""Background jobs that cannot die silently.
+"""Background jobs that cannot die silently, and the event loop a process runs on.
 
 A process's periodic jobs (the server's session expiry, heartbeats and analytics; the bridge's
 relay and watchdog) each run in a task of their own under a `Supervisor`. A job that raises is
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 
 
 class Supervisor:
@@ -65,3 +65,14 @@ class Supervisor:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def run_loop(coro_factory: Callable[[], Coroutine[object, object, None]]) -> None:
+    """Runs a process's main coroutine under uvloop when it is installed (measured faster in
+    make bench), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(coro_factory())
+    else:
+        uvloop.run(coro_factory())

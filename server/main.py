@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
-from bridge.supervisor import Supervisor
+from bridge.secret_file import read_secret
+from bridge.supervisor import Supervisor, run_loop
 from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.tracing import OtlpHttpExporter, Tracer
@@ -137,18 +138,6 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
-def read_secret(path: str) -> str:
-    """The first line of a secret file, stripped; SystemExit with a clear message if unusable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.readline().strip()
-    except OSError as exc:
-        raise SystemExit(f"llmproxy: cannot read {path}: {exc.strerror}") from None
-    if len(secret) < 16:
-        raise SystemExit(f"llmproxy: {path} must hold a secret of at least 16 characters")
-    return secret
-
-
 def server_options(min_ping_interval_ms: int) -> list[tuple[str, int]]:
     """grpc.aio server options. gRPC ignores names it does not know, silently: each name here is
     one of gRPC core's channel arguments (grpc_types.h), and tests/unit/test_grpc_options.py
@@ -202,7 +191,7 @@ async def serve(options: Options) -> None:
     config = options.config
     catalog = build_catalog(config)
     router = Router(catalog, rng=None if options.routing_seed is None else random.Random(options.routing_seed))
-    relay_token = read_secret(options.relay_token_file) if options.relay_token_file else ""
+    relay_token = read_secret(options.relay_token_file, "llmproxy-server") if options.relay_token_file else ""
     server = grpc.aio.server(options=server_options(options.min_ping_interval_ms))
     metrics = Metrics()
     metrics.watch_routing(router)  # issue 19: routing counters and breaker states in /metrics
@@ -273,16 +262,6 @@ async def serve(options: Options) -> None:
         key_store.close()
     if failed:
         raise SystemExit(f"llmproxy-server: {jobs.failure}")
-
-
-def run_loop(coro_factory: object) -> None:
-    """Runs under uvloop when it is installed (measured faster in make bench)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(coro_factory())  # type: ignore[operator]
-    else:
-        uvloop.run(coro_factory())  # type: ignore[operator]
 
 
 def main(argv: list[str] | None = None) -> None:
