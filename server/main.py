@@ -38,6 +38,7 @@ from server.providers.demo import DemoPace
 from server.routing import Router
 from server.relay import RelayServicer
 from server.service import LLMProxyServicer, ServiceSettings
+from server.store.base import RedisStore, open_store
 
 log = logging.getLogger("llmproxy.server")
 
@@ -62,6 +63,8 @@ class Options:
     min_ping_interval_ms: int = 10_000  # the least gap between a client's keepalive pings
     routing_seed: int | None = None  # seeds the router's choices (tests); None: unseeded
     otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint (server/tracing.py); empty: no tracing
+    store: str = "memory"  # memory, or a redis:// URL shared by several servers (server/store/)
+    server_id: str = ""  # this process's name in the cluster; empty: host-pid-random
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -96,6 +99,10 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--otlp-endpoint", default="", help="send OpenTelemetry traces (OTLP/HTTP JSON) here, e.g. http://127.0.0.1:4318/v1/traces; empty: off")
+    parser.add_argument(
+        "--store", default="memory", help="memory (one process), or redis://host:port/db shared by several servers (docs/deploy.md)"
+    )
+    parser.add_argument("--server-id", default="", help="this server's name in a cluster (default: host-pid-random)")
     parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -135,6 +142,8 @@ def parse_args(argv: list[str] | None) -> Options:
         min_ping_interval_ms=args.grpc_min_ping_interval_ms,
         routing_seed=args.routing_seed,
         otlp_endpoint=args.otlp_endpoint,
+        store=args.store,
+        server_id=args.server_id,
     )
 
 
@@ -189,6 +198,10 @@ def check_exposure(options: Options) -> None:
 
 async def serve(options: Options) -> None:
     config = options.config
+    store = open_store(options.store, options.server_id)
+    if isinstance(store, RedisStore):
+        await store.connect()
+        log.info("store: %s, server id %s", store.describe(), store.server_id)
     catalog = build_catalog(config)
     router = Router(catalog, rng=None if options.routing_seed is None else random.Random(options.routing_seed))
     relay_token = read_secret(options.relay_token_file, "llmproxy-server") if options.relay_token_file else ""
@@ -228,8 +241,16 @@ async def serve(options: Options) -> None:
     if port == 0:
         raise SystemExit(f"llmproxy-server: cannot listen on {config.listen}")
     await server.start()
-    for name in ("", SERVICE_NAME):
+    health_names = ("", SERVICE_NAME, RELAY_SERVICE_NAME)
+    for name in health_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def store_health(healthy: bool) -> None:  # NOT_SERVING while the shared store is unreachable
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in health_names:
+            asyncio.ensure_future(health_servicer.set(name, status))
+
+    store.on_health(store_health)
     host = config.listen.rsplit(":", 1)[0]
     print(f"llmproxy-server listening on {host}:{port}", flush=True)
     log.info("serving models: %s", ", ".join(catalog.names()))
@@ -240,6 +261,7 @@ async def serve(options: Options) -> None:
     jobs.start("expire-sessions", servicer.expire_sessions)
     jobs.start("keep-alive", servicer.keep_alive)
     jobs.start("report", servicer.report)
+    jobs.start("store-health", store.watch_health)
     if auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
         jobs.start("revocations", lambda: auth.watch(servicer.cancel_key_streams))
     stop = asyncio.Event()
@@ -254,6 +276,7 @@ async def serve(options: Options) -> None:
     await servicer.aclose()
     await catalog.aclose()
     await analytics.flush()
+    await store.aclose()
     if analytics.tracer is not None:
         await analytics.tracer.aclose()
     if request_log is not None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.support.procs import Proxy, start_proxy
+from tests.support.redis import RedisServer
 
 # A demo pace fast enough for tests, slow enough that "within one token interval" means
 # something: 20 ms between tokens, 50 ms to the first.
@@ -34,3 +35,11 @@ def proxy_factory() -> Iterator[Callable[..., Proxy]]:
     yield make
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on an ephemeral port (persisted to a temporary directory)."""
+    server = RedisServer().start()
+    yield server
+    server.close()
