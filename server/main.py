@@ -218,7 +218,7 @@ async def serve(options: Options) -> None:
     cache = build_cache(config.config_path, catalog)  # issue 16: the response cache (None without `cache:`)
     if cache is not None:
         metrics.watch_cache(cache)
-    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth, cache=cache)
+    servicer = LLMProxyServicer(router, catalog, options.service, analytics, auth=auth, cache=cache, store=store)
     if options.metrics_listen:
         from prometheus_client import start_http_server
 

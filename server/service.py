@@ -44,6 +44,7 @@ from server.core.session import CancelUpstream, Session, StartUpstream, StreamRe
 from server.core.session_limits import SessionLimits
 from server.errors import InternalError, ProxyError, StreamCut, Unauthenticated
 from server.routing import Router
+from server.store.base import Store
 from server.tracing import TraceContext, Tracer, traceparent_of
 
 log = logging.getLogger("llmproxy.server")
@@ -284,7 +285,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         analytics: Analytics | None = None,
         auth: AuthPolicy | None = None,
         cache: ResponseCache | None = None,
+        store: Store | None = None,
     ) -> None:
+        self._store = store or Store()  # memory (this process) or Redis shared by servers (server/store/)
         self._router = router
         self._cache = cache  # the response cache (server/cache/), None when off
         self._auth = auth  # None: no keys configured (loopback only, see server/main.py)
