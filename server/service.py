@@ -150,6 +150,12 @@ class SessionRuntime:
             self.shared.mark(self)
         self.wake()
 
+    def disown(self, stream_id: str) -> None:
+        """Another server took this stream over (it thought this one dead): stop generating it."""
+        task = self._upstreams.pop(stream_id, None)
+        if task is not None:
+            task.cancel()
+
     async def aclose(self) -> None:
         """Cancels every upstream task and waits for their cleanup (closing HTTP responses)."""
         tasks = list(self._upstreams.values())

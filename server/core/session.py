@@ -343,6 +343,20 @@ class Session:
         self._started_new, self._ended_new, self._conversations_changed = [], [], set()
         return changes
 
+    def demote(self, stream_id: str, last_seq: int) -> None:
+        """Another server took this stream over (this one was thought dead): its frames after
+        `last_seq` were refused by the store and never sent; from now on the stream is
+        followed like any stream another server generates."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        self._settle(stream_id)
+        while stream.replay and _seq_of(stream.replay[-1]) > last_seq:
+            stream.replay.pop()
+        stream.seq = stream.persisted_seq = last_seq
+        stream.remote = "?"  # a cancel asks the store who holds it now
+        self._unpersisted.pop(stream, None)
+
     def release(self, frames: list[tuple[Stream, list[pb.ServerFrame]]]) -> None:
         """Frames the store now has (from `take_changes`) go to the attached client, in order;
         those a replay already handed out are not sent again."""

@@ -26,16 +26,20 @@ batch grows: one round trip per loop turn at most, never one per token. A batch 
 (Redis away) is kept and written again first when Redis answers; the frames stay in the
 sessions' replay buffers meanwhile, so a client attached here loses nothing. Frame entry ids
 are the frames' seqs, so a frame written twice is refused by Redis (harmless), and a server
-that lost a stream to a takeover cannot write behind the new owner's frames (fencing).
+that lost a stream to a takeover (it was thought dead) cannot write behind the new owner's
+frames: its write is refused, the frame never reaches its client, and it stops generating the
+stream (fencing).
 
 Reading. A resume of a session this server does not hold (or holds only in part) reads the
 session from Redis, checks the token's hash, and replays each named stream from its Redis
 Stream after the client's `seq`; streams that other servers generate are then followed: one
 `XREAD BLOCK` over every followed stream and this server's inbox carries their new frames.
 
-Leases and takeover. Each server writes a heartbeat every `lease_s / 6`; the `owner` hash says
-which server holds each live stream. A server whose heartbeat is older than `lease_s` is dead:
-another server claims each of its streams (an atomic compare-and-set on the owner field),
+Leases and takeover. Each server writes a heartbeat every `lease_s / 6` (the server's lease on
+all its streams); the `owner` hash says which server holds each live stream. A server whose
+heartbeat is older than four beats is dead, and every server looks for dead ones every beat, so
+a dead server's streams are claimed within `lease_s` (3 s by default) of its death: another
+server claims each of its streams (an atomic compare-and-set on the owner field),
 reads its request and frames, and continues it (`Session.adopt`): through the router's
 continuation when the model allows one (`after_first_token: continue`), otherwise the stream
 ends with a typed error carrying the partial usage. A server only claims after it has itself
@@ -80,6 +84,12 @@ _DETACH = """
 if redis.call('HGET', KEYS[1], 'attached') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'attached', '', 'detached_ms', ARGV[2])
   return 1
+end
+return 0
+"""
+_RELEASE_OWNER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
 """
@@ -137,6 +147,7 @@ class _Batch:
     # per command: what its result means (None: nothing)
     tags: list[tuple[str, Any] | None] = field(default_factory=list)
     released: list[tuple[SessionRuntime, list[tuple[Stream, list[pb.ServerFrame]]]]] = field(default_factory=list)
+    retried: bool = False  # released before Redis confirmed it: a refused frame was written before
 
     def add(self, tag: tuple[str, Any] | None, *command: Any) -> None:
         self.commands.append(command)
@@ -165,7 +176,10 @@ class RedisSessions:
         self._grace_ms = int(resume_grace_s * 1000)
         self._ttl_ms = self._grace_ms + 600_000
         self._max_frames = max_frames
-        self.lease_ms = int(lease_s * 1000)
+        # A heartbeat every `lease_s / 6`; a server silent for 4 of them is dead; the scan runs
+        # every beat: a dead server's streams are claimed at most `lease_s` after its last beat.
+        self.beat_s = lease_s / 6
+        self.lease_ms = int(lease_s * 1000 * 4 / 6)
         self._dirty: dict[SessionRuntime, None] = {}
         self._wake = asyncio.Event()
         self._retry: _Batch | None = None
@@ -176,6 +190,7 @@ class RedisSessions:
         self._attach = self.redis.register_script(_ATTACH)
         self._detach = self.redis.register_script(_DETACH)
         self._claim = self.redis.register_script(_CLAIM)
+        self._release_owner = self.redis.register_script(_RELEASE_OWNER)
         self.taken_over = 0  # streams this server took over
         self.batches = 0
         self.commands = 0
@@ -220,7 +235,18 @@ class RedisSessions:
         while True:
             await wake.wait()
             wake.clear()
-            batch = self._retry or _Batch()
+            kept = self._retry
+            if kept is not None and self.store.healthy:  # Redis is back: what it missed first, alone
+                self._retry = None
+                try:
+                    self._after(kept, await self._execute(kept))
+                except Exception as exc:
+                    log.warning("store write failed again (%d commands kept): %s", len(kept.commands), exc)
+                    self._retry = kept
+                    await asyncio.sleep(0.05)
+                wake.set()
+                continue
+            batch = kept or _Batch()
             self._retry = None
             if self._dirty:
                 dirty, self._dirty = self._dirty, {}
@@ -230,8 +256,7 @@ class RedisSessions:
             if not batch.commands:
                 continue
             if not self.store.healthy:  # Redis away: clients get their frames now, Redis later
-                self._release(batch)
-                self._retry = batch
+                self._keep(batch)
                 await asyncio.sleep(0.05)
                 wake.set()
                 continue
@@ -239,13 +264,17 @@ class RedisSessions:
                 results = await self._execute(batch)
             except Exception as exc:  # keep the batch, write it first when Redis answers
                 log.warning("store write failed (%d commands kept for later): %s", len(batch.commands), exc)
-                self._release(batch)
-                self._retry = batch
+                self._keep(batch)
                 await asyncio.sleep(0.05)
                 wake.set()
                 continue
-            self._release(batch)
-            self._after(batch, results)
+            self._release(batch, self._after(batch, results))
+
+    def _keep(self, batch: _Batch) -> None:
+        """Releases the batch's frames unconfirmed and keeps it for a retry."""
+        self._release(batch)
+        batch.retried = True
+        self._retry = batch
 
     async def _execute(self, batch: _Batch) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
@@ -284,12 +313,12 @@ class RedisSessions:
             key = frames_key(sid, stream.id)
             for frame in frames:
                 seq = getattr(frame, frame.WhichOneof("kind")).seq
-                batch.add(("xadd", (runtime, stream.id)), "XADD", key, "MAXLEN", "~", self._max_frames, f"{seq}-0", "f", frame.SerializeToString())
+                batch.add(("xadd", (runtime, stream.id, seq)), "XADD", key, "MAXLEN", "~", self._max_frames, f"{seq}-0", "f", frame.SerializeToString())
             if stream.id in state.untimed or state.ttl_due_ms <= now_ms:
                 state.untimed.discard(stream.id)
                 batch.add(None, "PEXPIRE", key, self._ttl_ms)
         for stream in changes.ended:
-            batch.add(None, "HDEL", session_key(sid, "owner"), stream.id)
+            batch.add(None, "script", self._release_owner, [session_key(sid, "owner")], [stream.id, self.me])
             batch.add(None, "SREM", mine, sid.encode() + SEP + stream.id.encode())
             batch.add(None, "PEXPIRE", frames_key(sid, stream.id), self._ttl_ms)
         if changes.conversations:
@@ -303,21 +332,26 @@ class RedisSessions:
                 batch.add(None, "PEXPIRE", session_key(sid, part), self._ttl_ms)
 
     @staticmethod
-    def _release(batch: _Batch) -> None:
-        """The batch's frames go to their clients (once: a batch kept for a retry has none left)."""
+    def _release(batch: _Batch, fenced: set[tuple[SessionRuntime, str]] | None = None) -> None:
+        """The batch's frames go to their clients (once: a batch kept for a retry has none
+        left), but those of streams another server has taken over (`fenced`)."""
         for runtime, frames in batch.released:
+            if fenced:
+                frames = [(stream, f) for stream, f in frames if (runtime, stream.id) not in fenced]
             runtime.session.release(frames)
             runtime.wake()
         batch.released = []
 
-    def _after(self, batch: _Batch, results: list[Any]) -> None:
+    def _after(self, batch: _Batch, results: list[Any]) -> set[tuple[SessionRuntime, str]]:
+        """Acts on the results; returns the streams found taken over by another server."""
         kicks: list[tuple[str, str, int]] = []
+        fenced: dict[tuple[SessionRuntime, str], int] = {}  # -> the first seq refused
         for tag, result in zip(batch.tags, results):
             if tag is None:
                 if isinstance(result, Exception):
                     log.warning("store command failed: %s", result)
                 continue
-            kind, what = tag
+            kind, what = tag[0], tag[1]
             if kind == "attach" and not isinstance(result, Exception):
                 runtime = what
                 previous, epoch = result[0].decode(), int(result[1])
@@ -325,13 +359,22 @@ class RedisSessions:
                 if previous and previous != self.me:
                     kicks.append((previous, runtime.session.id, epoch))
             elif kind == "xadd" and isinstance(result, Exception):
-                runtime, stream_id = what
-                if "equal or smaller" in str(result):
-                    # Written before (a retried batch), or another server took the stream over.
-                    continue
-                log.warning("store could not keep a frame of stream %r: %s", stream_id, result)
+                runtime, stream_id, seq = what
+                if "equal or smaller" not in str(result):
+                    log.warning("store could not keep a frame of stream %r: %s", stream_id, result)
+                elif not batch.retried and (runtime, stream_id) not in fenced:
+                    # Another server wrote this seq: it took the stream over (this server was
+                    # thought dead). Its frames win; this server stops generating the stream and
+                    # follows it instead (its client here gets the new owner's frames).
+                    fenced[(runtime, stream_id)] = seq
+        for (runtime, stream_id), seq in fenced.items():
+            log.error("stream %r of session %s was taken over by another server; following it here", stream_id, runtime.session.id)
+            runtime.disown(stream_id)
+            runtime.session.demote(stream_id, seq - 1)
+            self.follow(runtime, stream_id, f"{seq - 1}-0".encode())
         for server, sid, epoch in kicks:
             asyncio.ensure_future(self._kick(server, sid, epoch))
+        return set(fenced)
 
     async def _kick(self, server: str, session_id: str, epoch: int) -> None:
         try:
@@ -458,7 +501,7 @@ class RedisSessions:
 
     async def lease_loop(self) -> None:
         """Heartbeats, and takes over the streams of servers whose heartbeat lapsed."""
-        interval = self.lease_ms / 6000
+        interval = self.beat_s
         healthy_since: float | None = None
         while True:
             await asyncio.sleep(interval)
