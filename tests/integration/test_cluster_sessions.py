@@ -232,3 +232,40 @@ async def test_redis_stopped_for_five_seconds_under_fifty_live_streams(redis_ser
         assert s1.popen.poll() is None and bridge.popen.poll() is None  # nothing crashed
     finally:
         stop_all(bridge, s1)
+
+
+async def test_a_frozen_server_whose_streams_were_taken_over_yields_to_the_new_owner(redis_server: RedisServer, tmp_path) -> None:
+    """Split brain: server 1 freezes (SIGSTOP) past its lease, server 2 takes its streams over
+    and goes on; when server 1 thaws, Redis refuses its next frames (their seqs are taken), so
+    it never sends them, stops generating and follows server 2: its own client, still attached
+    to it, gets one stream with nothing repeated and the same text."""
+    config = continuation_config(tmp_path)
+    pace = ("--demo-ttft-ms", "20", "--demo-tokens-per-s", "40", "--demo-jitter", "0.1", "--resume-grace-s", "30", "--config", config)
+    s1 = start_server("--store", redis_server.url, *pace)
+    s2 = start_server("--store", redis_server.url, *pace)
+    a = start_bridge(s1.address, "--reattach-timeout-s", "30")
+    try:
+        async with WSClient(a.address, reconnect=False) as plain:
+            hs = [plain.stream(model="demo-cont", messages=messages(p), seed=5, max_tokens=200) for p in PROMPTS]
+            expected = ["".join([t async for t in h]) for h in hs]
+        async with WSClient(a.address, backoff=FAST_BACKOFF) as client:
+            handles = [client.stream(model="demo-cont", messages=messages(p), seed=5, max_tokens=200) for p in PROMPTS]
+            counts, out = {h.id: 0 for h in handles}, {}
+            readers = [asyncio.create_task(consume_frames(h, counts, out)) for h in handles]
+            await asyncio.wait_for(wait_tokens(counts, 10), 20)
+            s1.popen.send_signal(__import__("signal").SIGSTOP)
+            try:
+                await asyncio.wait_for(until(lambda: sum("taking over stream" in line for line in s2.lines) >= 3), 10)
+                await asyncio.sleep(1.0)  # server 2 writes on past where server 1 stopped
+            finally:
+                s1.popen.send_signal(__import__("signal").SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*readers), 60)
+        assert sum("following it here" in line for line in s1.lines) == 3, s1.lines[-20:]
+        for h, want in zip(handles, expected):
+            frames = out[h.id]
+            seqs = [f["seq"] for f in frames if f.get("seq")]
+            assert seqs == sorted(set(seqs)) and h.duplicates == 0
+            assert frames[-1]["type"] == "done", frames[-3:]
+            assert "".join(f["token"] for f in frames if f["type"] == "token") == want
+    finally:
+        stop_all(a, s1, s2)
