@@ -97,8 +97,8 @@ def test_an_adopted_stream_continues_from_its_text_or_ends_with_the_partial_usag
     assert s.adopt("a", request(), "", frames, 5 * MS, may_continue=True, error=StreamCut("x"))
     (action,) = s.actions_to_take()
     assert isinstance(action, StartUpstream) and action.partial == "Hello world"
-    s.receive_event("a", Routed("demo", "demo", "demo"), 1 * MS)
-    s.receive_event("a", TextDelta("!"), 2 * MS)
+    s.receive_event("a", Routed("demo", "demo", "demo"), 6 * MS)
+    s.receive_event("a", TextDelta("!"), 7 * MS)
     written = s.take_changes().frames[0][1]
     assert [f.WhichOneof("kind") for f in written] == ["failover", "token"] and written[0].failover.seq == 5
 
