@@ -157,6 +157,8 @@ bench: install-test
 	$(PY) -m bench.floor | tee bench/results/floor.txt
 	@echo "== the response cache: first token of a live answer, an exact hit and a semantic hit; lookup cost =="
 	$(PY) -m bench.cache_hit --rounds 20 | tee bench/results/cache.txt
+	@echo "== the store: (iii) 50 streams with the memory store and with Redis, in turn (proxy CPU per token, relay latency, redis-server CPU) =="
+	$(PY) -m bench.store --pairs 3 | tee bench/results/store.txt
 
 clean:
 	rm -rf $(VENV) $(GEN) $(NPM_DIR)/node_modules $(NODE_DIR)/node_modules .pytest_cache .mypy_cache *.egg-info

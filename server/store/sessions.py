@@ -87,6 +87,30 @@ if redis.call('HGET', KEYS[1], 'attached') == ARGV[1] then
 end
 return 0
 """
+# Every frame of a batch in one call: ARGV[2] holds records of (key, entry id, frame), each a
+# 4-byte big-endian length and the bytes. Returns the (1-based) records Redis refused because
+# their entry id is not above the stream's last: written before, or another server's.
+_WRITE_FRAMES = """
+local blob, pos, n, refused = ARGV[2], 1, 0, {}
+local size = #blob
+local function field()
+  local len
+  len, pos = struct.unpack('>I4', blob, pos)
+  local value = string.sub(blob, pos, pos + len - 1)
+  pos = pos + len
+  return value
+end
+while pos <= size do
+  local key = field()
+  local id = field()
+  local frame = field()
+  n = n + 1
+  if not pcall(redis.call, 'XADD', key, 'MAXLEN', '~', ARGV[1], id, 'f', frame) then
+    refused[#refused + 1] = n
+  end
+end
+return refused
+"""
 _RELEASE_OWNER = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
@@ -100,6 +124,15 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
+
+
+def _pack_frames(frames: list[tuple[str, int, bytes, SessionRuntime, str]]) -> bytes:
+    """The records of `_WRITE_FRAMES`: key, entry id and frame, each length-prefixed."""
+    out = bytearray()
+    for key, seq, data, _, _ in frames:
+        k, i = key.encode(), f"{seq}-0".encode()
+        out += len(k).to_bytes(4, "big") + k + len(i).to_bytes(4, "big") + i + len(data).to_bytes(4, "big") + data
+    return bytes(out)
 
 
 def token_hash(token: str) -> bytes:
@@ -149,9 +182,16 @@ class _Batch:
     released: list[tuple[SessionRuntime, list[tuple[Stream, list[pb.ServerFrame]]]]] = field(default_factory=list)
     retried: bool = False  # released before Redis confirmed it: a refused frame was written before
 
+    # the frames, written by one script call between the commands before and after them
+    frames: list[tuple[str, int, bytes, SessionRuntime, str]] = field(default_factory=list)
+    after: list[tuple[Any, ...]] = field(default_factory=list)  # commands after the frames
+
     def add(self, tag: tuple[str, Any] | None, *command: Any) -> None:
         self.commands.append(command)
         self.tags.append(tag)
+
+    def __len__(self) -> int:
+        return len(self.commands) + len(self.frames) + len(self.after)
 
 
 class RedisSessions:
@@ -191,6 +231,7 @@ class RedisSessions:
         self._detach = self.redis.register_script(_DETACH)
         self._claim = self.redis.register_script(_CLAIM)
         self._release_owner = self.redis.register_script(_RELEASE_OWNER)
+        self._write_frames = self.redis.register_script(_WRITE_FRAMES)
         self.taken_over = 0  # streams this server took over
         self.batches = 0
         self.commands = 0
@@ -241,7 +282,7 @@ class RedisSessions:
                 try:
                     self._after(kept, await self._execute(kept))
                 except Exception as exc:
-                    log.warning("store write failed again (%d commands kept): %s", len(kept.commands), exc)
+                    log.warning("store write failed again (%d commands kept): %s", len(kept), exc)
                     self._retry = kept
                     await asyncio.sleep(0.05)
                 wake.set()
@@ -253,7 +294,7 @@ class RedisSessions:
                 now_ms = int(time.time() * 1000)
                 for runtime in dirty:
                     self._add_session(batch, runtime, now_ms)
-            if not batch.commands:
+            if not len(batch):
                 continue
             if not self.store.healthy:  # Redis away: clients get their frames now, Redis later
                 self._keep(batch)
@@ -263,7 +304,7 @@ class RedisSessions:
             try:
                 results = await self._execute(batch)
             except Exception as exc:  # keep the batch, write it first when Redis answers
-                log.warning("store write failed (%d commands kept for later): %s", len(batch.commands), exc)
+                log.warning("store write failed (%d commands kept for later): %s", len(batch), exc)
                 self._keep(batch)
                 await asyncio.sleep(0.05)
                 wake.set()
@@ -277,16 +318,37 @@ class RedisSessions:
         self._retry = batch
 
     async def _execute(self, batch: _Batch) -> list[Any]:
+        """One pipeline: the commands, then every frame in one script call (the replies of the
+        frames' call: the indexes of frames refused), then the commands after them."""
         pipe = self.redis.pipeline(transaction=False)
         for command in batch.commands:
-            if command[0] == "script":
-                await command[1](keys=command[2], args=command[3], client=pipe)
-            else:
-                pipe.execute_command(*command)
+            await self._queue(pipe, command)
+        if batch.frames:
+            await self._queue(pipe, ("script", self._write_frames, [], [self._max_frames, _pack_frames(batch.frames)]))
+        for command in batch.after:
+            await self._queue(pipe, command)
         self.batches += 1
-        self.commands += len(batch.commands)
+        self.commands += len(batch)
         results: list[Any] = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, Exception) and "NOSCRIPT" in str(r) for r in results):
+            # Redis restarted (or flushed its scripts): load them, write the batch again (its
+            # frames already written are refused as written before, and its hashes rewritten).
+            await self._load_scripts()
+            batch.retried = True
+            return await self._execute(batch)
         return results
+
+    @staticmethod
+    async def _queue(pipe: Any, command: tuple[Any, ...]) -> None:
+        if command[0] == "script":  # by its SHA (redis-py's own pipeline scripts ask SCRIPT EXISTS each time)
+            script, keys, args = command[1], command[2], command[3]
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        else:
+            pipe.execute_command(*command)
+
+    async def _load_scripts(self) -> None:
+        for script in (self._attach, self._detach, self._release_owner, self._write_frames):
+            script.sha = await self.redis.script_load(script.script)
 
     def _add_session(self, batch: _Batch, runtime: SessionRuntime, now_ms: int) -> None:
         session, state = runtime.session, runtime.sync
@@ -313,23 +375,24 @@ class RedisSessions:
             key = frames_key(sid, stream.id)
             for frame in frames:
                 seq = getattr(frame, frame.WhichOneof("kind")).seq
-                batch.add(("xadd", (runtime, stream.id, seq)), "XADD", key, "MAXLEN", "~", self._max_frames, f"{seq}-0", "f", frame.SerializeToString())
+                batch.frames.append((key, seq, frame.SerializeToString(), runtime, stream.id))
             if stream.id in state.untimed or state.ttl_due_ms <= now_ms:
                 state.untimed.discard(stream.id)
-                batch.add(None, "PEXPIRE", key, self._ttl_ms)
+                batch.after.append(("PEXPIRE", key, self._ttl_ms))
+        after = batch.after
         for stream in changes.ended:
-            batch.add(None, "script", self._release_owner, [session_key(sid, "owner")], [stream.id, self.me])
-            batch.add(None, "SREM", mine, sid.encode() + SEP + stream.id.encode())
-            batch.add(None, "PEXPIRE", frames_key(sid, stream.id), self._ttl_ms)
+            after.append(("script", self._release_owner, [session_key(sid, "owner")], [stream.id, self.me]))
+            after.append(("SREM", mine, sid.encode() + SEP + stream.id.encode()))
+            after.append(("PEXPIRE", frames_key(sid, stream.id), self._ttl_ms))
         if changes.conversations:
-            batch.add(None, "HSET", session_key(sid, "conv"), *[x for name, history in changes.conversations.items() for x in (name, dump_messages(history))])
+            after.append(("HSET", session_key(sid, "conv"), *[x for name, history in changes.conversations.items() for x in (name, dump_messages(history))]))
         if state.close:
             state.close = False
-            batch.add(None, "HSET", meta, "closed", 1)
+            after.append(("HSET", meta, "closed", 1))
         if state.ttl_due_ms <= now_ms:
             state.ttl_due_ms = now_ms + TTL_REFRESH_MS
             for part in ("meta", "streams", "owner", "conv"):
-                batch.add(None, "PEXPIRE", session_key(sid, part), self._ttl_ms)
+                after.append(("PEXPIRE", session_key(sid, part), self._ttl_ms))
 
     @staticmethod
     def _release(batch: _Batch, fenced: set[tuple[SessionRuntime, str]] | None = None) -> None:
@@ -346,6 +409,17 @@ class RedisSessions:
         """Acts on the results; returns the streams found taken over by another server."""
         kicks: list[tuple[str, str, int]] = []
         fenced: dict[tuple[SessionRuntime, str], int] = {}  # -> the first seq refused
+        if batch.frames:
+            refused = results[len(batch.commands)]
+            if isinstance(refused, Exception):
+                log.warning("store could not keep %d frames: %s", len(batch.frames), refused)
+            elif not batch.retried:
+                for index in refused:
+                    # Another server wrote this seq: it took the stream over (this server was
+                    # thought dead). Its frames win; this server stops generating the stream and
+                    # follows it instead (its client here gets the new owner's frames).
+                    _, seq, _, runtime, stream_id = batch.frames[int(index) - 1]
+                    fenced.setdefault((runtime, stream_id), seq)
         for tag, result in zip(batch.tags, results):
             if tag is None:
                 if isinstance(result, Exception):
@@ -358,15 +432,6 @@ class RedisSessions:
                 runtime.sync.epoch = epoch
                 if previous and previous != self.me:
                     kicks.append((previous, runtime.session.id, epoch))
-            elif kind == "xadd" and isinstance(result, Exception):
-                runtime, stream_id, seq = what
-                if "equal or smaller" not in str(result):
-                    log.warning("store could not keep a frame of stream %r: %s", stream_id, result)
-                elif not batch.retried and (runtime, stream_id) not in fenced:
-                    # Another server wrote this seq: it took the stream over (this server was
-                    # thought dead). Its frames win; this server stops generating the stream and
-                    # follows it instead (its client here gets the new owner's frames).
-                    fenced[(runtime, stream_id)] = seq
         for (runtime, stream_id), seq in fenced.items():
             log.error("stream %r of session %s was taken over by another server; following it here", stream_id, runtime.session.id)
             runtime.disown(stream_id)
