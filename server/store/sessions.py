@@ -58,6 +58,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoScriptError
+
 from llmproxy.v1 import llmproxy_pb2 as pb
 from server.core.request import ChatMessage, ChatRequest
 from server.core.session import ForwardFrame, Session
@@ -274,6 +276,12 @@ class RedisSessions:
         """Writes what dirty sessions did, one pipeline at a time (a supervised job)."""
         wake = self._wake
         while True:
+            try:
+                await self._load_scripts()
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        while True:
             await wake.wait()
             wake.clear()
             kept = self._retry
@@ -330,7 +338,7 @@ class RedisSessions:
         self.batches += 1
         self.commands += len(batch)
         results: list[Any] = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, Exception) and "NOSCRIPT" in str(r) for r in results):
+        if any(isinstance(r, NoScriptError) for r in results):
             # Redis restarted (or flushed its scripts): load them, write the batch again (its
             # frames already written are refused as written before, and its hashes rewritten).
             await self._load_scripts()

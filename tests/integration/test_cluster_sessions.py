@@ -269,3 +269,50 @@ async def test_a_frozen_server_whose_streams_were_taken_over_yields_to_the_new_o
             assert "".join(f["token"] for f in frames if f["type"] == "token") == want
     finally:
         stop_all(a, s1, s2)
+
+
+async def test_resumed_on_another_server_the_old_connection_is_told_and_a_cancel_reaches_the_generating_server(redis_server: RedisServer) -> None:
+    """A session live on server 1 is resumed through server 2: the connection on server 1 is
+    closed saying `resumed_elsewhere` (4001); the stream server 1 generates goes on through
+    server 2, and a cancel sent there ends it on server 1 (a `done` cancelled, seq after the
+    last token); a wrong token is refused `expired` like on one server."""
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.support.ws import open_ws, recv, send, start_frame
+
+    pace = ("--demo-ttft-ms", "20", "--demo-tokens-per-s", "50", "--resume-grace-s", "10")
+    s1, s2 = start_server("--store", redis_server.url, *pace), start_server("--store", redis_server.url, *pace)
+    a, b = start_bridge(s1.address), start_bridge(s2.address)
+    try:
+        async with open_ws(a.address) as old, open_ws(b.address) as new, open_ws(b.address) as wrong:
+            await send(old, start_frame("a", max_tokens=2000))
+            seen = 0
+            while seen < 3:
+                frame = await recv(old)
+                seen = frame.get("seq", seen)
+            s = old.session
+            await send(wrong, {"type": "resume", "session_id": s["session_id"], "resume_token": "x" + s["resume_token"][1:], "streams": {"a": 0}})
+            refused = await recv(wrong)
+            assert refused["type"] == "error" and refused["code"] == "expired", refused
+            await send(new, {"type": "resume", "session_id": s["session_id"], "resume_token": s["resume_token"], "streams": {"a": 0}})
+            resumed = await recv(new)
+            assert resumed["type"] == "resumed" and resumed["streams"]["a"]["known"] and resumed["streams"]["a"]["live"], resumed
+            last = None
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    last = await recv(old)
+            assert last is not None and last["code"] == "resumed_elsewhere" and info.value.rcvd.code == 4001
+            seqs = []
+            while len(seqs) < 10:
+                frame = await recv(new)
+                seqs.append(frame["seq"])
+            assert seqs == list(range(1, 11))  # the replay from the start, then live, in order
+            await send(new, {"type": "cancel", "id": "a"})
+            while True:
+                frame = await recv(new)
+                if frame["type"] in ("done", "error"):
+                    break
+                seqs.append(frame["seq"])
+            assert frame["type"] == "done" and frame["finish_reason"] == "cancelled" and frame["seq"] == seqs[-1] + 1, frame
+    finally:
+        stop_all(a, b, s1, s2)
