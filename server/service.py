@@ -283,7 +283,7 @@ class Connection:
                 self.write_since_ns = 0
                 if session.has_output():
                     self.notify()  # a replay goes out in pieces (Session.frames_to_send)
-            if not self._reading and session.live_streams == 0 and not session.has_output():
+            if not self._reading and session.live_streams == 0 and not session.has_output() and not session.awaiting_store():
                 return
 
 

@@ -199,6 +199,7 @@ class Session:
         # over cannot see (while the store is away, the driver releases without waiting).
         self.persist = False
         self._unpersisted: dict[Stream, None] = {}  # streams with frames not yet written
+        self._in_flight = 0  # frames taken for the store, not yet released
         self._started_new: list[Stream] = []
         self._ended_new: list[Stream] = []
         self._conversations_changed: set[str] = set()
@@ -226,7 +227,15 @@ class Session:
 
     @property
     def live_streams(self) -> int:
-        return len(self._streams)
+        """Live streams generated here (not those followed from another server)."""
+        streams = self._streams
+        if not self.persist:
+            return len(streams)
+        return sum(1 for stream in streams.values() if not stream.remote)
+
+    def awaiting_store(self) -> bool:
+        """Frames are on their way to the shared store; they go out when it has them."""
+        return bool(self._unpersisted) or self._in_flight > 0
 
     def is_fresh(self) -> bool:
         """No stream has ever run here: the session may be swapped for a resumed one."""
@@ -339,6 +348,7 @@ class Session:
                 if new:
                     stream.persisted_seq = _seq_of(new[-1])
                     frames.append((stream, new))
+                    self._in_flight += len(new)
         changes = Changes(self._started_new, frames, self._ended_new, {c: self._conversations.get(c, []) for c in self._conversations_changed})
         self._started_new, self._ended_new, self._conversations_changed = [], [], set()
         return changes
@@ -357,13 +367,15 @@ class Session:
         stream.remote = "?"  # a cancel asks the store who holds it now
         self._unpersisted.pop(stream, None)
 
-    def release(self, frames: list[tuple[Stream, list[pb.ServerFrame]]]) -> None:
+    def release(self, frames: list[tuple[Stream, list[pb.ServerFrame]]], skip: Container[str] = ()) -> None:
         """Frames the store now has (from `take_changes`) go to the attached client, in order;
-        those a replay already handed out are not sent again."""
+        those a replay already handed out are not sent again, nor those of the streams in
+        `skip` (refused by the store: another server took them over)."""
+        self._in_flight = max(0, self._in_flight - sum(len(batch) for _, batch in frames))
         if not self.attached:
             return
         for stream, batch in frames:
-            if self._replaying and self._is_replaying(stream):
+            if stream.id in skip or (self._replaying and self._is_replaying(stream)):
                 continue  # the replay hands them out
             sent = stream.sent_seq
             for frame in batch:

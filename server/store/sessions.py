@@ -407,9 +407,8 @@ class RedisSessions:
         """The batch's frames go to their clients (once: a batch kept for a retry has none
         left), but those of streams another server has taken over (`fenced`)."""
         for runtime, frames in batch.released:
-            if fenced:
-                frames = [(stream, f) for stream, f in frames if (runtime, stream.id) not in fenced]
-            runtime.session.release(frames)
+            skip = {stream.id for stream, _ in frames if (runtime, stream.id) in fenced} if fenced else ()
+            runtime.session.release(frames, skip)
             runtime.wake()
         batch.released = []
 

@@ -316,3 +316,23 @@ async def test_resumed_on_another_server_the_old_connection_is_told_and_a_cancel
             assert frame["type"] == "done" and frame["finish_reason"] == "cancelled" and frame["seq"] == seqs[-1] + 1, frame
     finally:
         stop_all(a, b, s1, s2)
+
+
+async def test_a_grpc_call_that_half_closes_gets_every_frame_with_redis(redis_server: RedisServer) -> None:
+    """A backend's `Stream` call sends a start and half-closes: with the Redis store its frames
+    wait for Redis, and the call still ends only after the `done` (never cut short as OK)."""
+    from llmproxy.v1 import llmproxy_pb2 as pb
+    from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+
+    s1 = start_server("--store", redis_server.url, "--demo-ttft-ms", "5", "--demo-tokens-per-s", "200")
+    try:
+        for _ in range(5):
+            async with grpc.aio.insecure_channel(s1.address) as channel:
+                call = pb_grpc.LLMProxyStub(channel).Stream()
+                await call.write(pb.ClientFrame(start=pb.StartStream(stream_id="a", model="demo", messages=[pb.ChatMessage(role="user", content="hi")], params=pb.GenerationParams(max_tokens=5))))
+                await call.done_writing()
+                kinds = [frame.WhichOneof("kind") async for frame in call]
+                assert kinds[:2] == ["session", "started"] and kinds[-1] == "done" and set(kinds[2:-1]) == {"token"}, kinds
+                assert await call.code() == grpc.StatusCode.OK
+    finally:
+        s1.stop()
