@@ -109,6 +109,7 @@ class ClusterAnalytics:
         self._own: LiveSummary | None = None
         self._others: dict[str, tuple[float, LiveSummary]] = {}  # server id -> (monotonic s when read, summary)
         self._rows: list[bytes] = []  # shared rows not yet written
+        self._gone: list[str] = []  # servers whose summary had expired at the last read
         self._failing = False
         self.last_sync_s = 0.0  # the wall time of the last sync (for the cost measurement)
 
@@ -161,6 +162,8 @@ class ClusterAnalytics:
         pipe.set(self._live_key, encode(own), px=int(self._settings.live_ttl_s * 1000))
         pipe.zadd(self._index_key, {self.server_id: now_ms})
         pipe.zremrangebyscore(self._index_key, "-inf", now_ms - INDEX_KEEP_MS)
+        if self._gone:  # their summaries had expired at the last read: out of the index too
+            pipe.zrem(self._index_key, *self._gone)
         for row in rows:
             pipe.xadd(self._log_key, {b"r": row}, maxlen=self._settings.request_log_rows, approximate=True)
         pipe.zrange(self._index_key, 0, -1)
@@ -175,9 +178,10 @@ class ClusterAnalytics:
             values = await pipe.execute()
         now = time.monotonic()
         others: dict[str, tuple[float, LiveSummary]] = {}
+        self._gone = [i for i, value in zip(ids, values) if value is None]  # it stopped (or stalled: it adds itself again)
         for server_id, value in zip(ids, values):
             if value is None:
-                continue  # its key expired: it stopped
+                continue
             try:
                 others[server_id] = (now, decode(value))
             except BadSummary as exc:  # another version of the server, during an upgrade

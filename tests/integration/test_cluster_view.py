@@ -216,3 +216,23 @@ async def test_a_server_that_stops_cleanly_leaves_at_once(cluster):
     await eventually(lambda: snapshot(a.address), lambda s: s.ended_1m == 0, "B gone from A's view")
     # without waiting for the TTL: its next tick reads that B left (1 s) and the snapshot follows
     assert time.monotonic() - stopped < LIVE_TTL_S
+
+
+async def test_while_redis_is_unreachable_watch_stats_shows_this_server_and_stats_is_unavailable(cluster, redis_server):
+    a, b = cluster(), cluster()
+    await asyncio.gather(run_streams(a.address, 1, 5, prefix="a"), run_streams(b.address, 2, 5, prefix="b"))
+    await eventually(lambda: snapshot(a.address), lambda s: s.ended_1m == 3, "both servers' streams on A")
+    redis_server.pause()
+    try:
+        # the others' summaries age out; this server's own stays
+        snap = await eventually(lambda: snapshot(a.address), lambda s: s.ended_1m == 1, "A's own view while Redis is down", timeout_s=20)
+        assert [s.stream_id for s in snap.slowest] == ["a0"]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stats(a.address)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        await run_streams(a.address, 2, 5, prefix="during")  # streams work; their rows wait for Redis
+    finally:
+        redis_server.resume()
+    await eventually(lambda: snapshot(a.address), lambda s: s.ended_1m == 5, "the whole view again")
+    rows = (await eventually(lambda: stats(b.address), lambda r: sum(x.streams for x in r.rows) >= 5, "the rows written during the outage")).rows
+    assert sum(x.streams for x in rows) == 5
