@@ -27,8 +27,10 @@ addressed one by one, and a dead server's log would vanish with it.
 Failures. The memory store never gets here. While the store is unhealthy (its health watch)
 or a pipeline fails, a tick publishes nothing; the live view shrinks to this server once the
 others' summaries are older than the TTL; rows wait in a bounded backlog (`backlog_rows`, the
-oldest dropped with a log line beyond it) and go out with the next pipeline that succeeds (a
-pipeline that timed out after Redis applied it may thus count its rows twice). `Stats` raises
+oldest dropped with a log line beyond it) and go out with the next pipeline that succeeds. A
+pipeline that timed out may still have been applied (a Redis that was frozen runs what waited
+in its socket when it thaws), so a row may be in the stream twice: each row carries an id
+unique in the cluster, and `Stats` counts each id once. `Stats` raises
 `SharedLogUnavailable` (the RPC answers UNAVAILABLE) rather than answer from one server's rows.
 Nothing here is per token.
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ log = logging.getLogger("llmproxy.analytics")
 
 INDEX_KEEP_MS = 60_000  # index entries older than this are pruned (generous: clocks may differ)
 READ_CHUNK = 5_000  # XRANGE entries per round trip when Stats reads the shared log
-# The shared row: the group columns, then requestlog.STATS_COLUMNS.
+# The shared row: the group columns, then requestlog.STATS_COLUMNS, then the row's id.
 ROW_GROUPS = ("model", "deployment", "provider", "client", "api")
 
 
@@ -71,25 +74,33 @@ class ClusterSettings:
     timeout_s: float = 1.0  # one sync or one Stats chunk
 
 
-def shared_row(r: StreamRecord) -> tuple[object, ...]:
-    """One ended stream as the shared log keeps it (the columns `Stats` reads, no text)."""
+def shared_row(r: StreamRecord, row_id: str) -> tuple[object, ...]:
+    """One ended stream as the shared log keeps it: the columns `Stats` reads (no text), and an
+    id unique in the cluster (server id / random / sequence number) by which a reader drops a row that a
+    retried pipeline wrote twice."""
     t = r.timing
     return (
         r.model, r.deployment, r.provider, r.client or "anonymous", r.api,
         int(r.failed), r.status, r.completion_tokens, t.ttft_us, t.itl_p95_us, r.ux_score, t.tokens, r.cache, r.cached_input_tokens,
+        row_id,
     )
 
 
 def aggregate_shared(chunks: Iterable[bytes], group_by: str, client: str | None) -> list[dict[str, float | int | str]]:
     """`Stats` over shared rows: `chunks` are JSON arrays of rows (as `shared_row` wrote them,
-    joined by READ_SCRIPT). Blocking (run it in a thread). Raises KeyError for an unknown group."""
+    joined by READ_SCRIPT), each row counted once. Blocking (run it in a thread). Raises
+    KeyError for an unknown group."""
     index = ROW_GROUPS.index(GROUPS[group_by])
     client_index = ROW_GROUPS.index("client")
+    seen: set[str] = set()
     rows: list[StatsRow] = []
     for chunk in chunks:
         for row in orjson.loads(chunk):
+            if row[-1] in seen:
+                continue
+            seen.add(row[-1])
             if client is None or row[client_index] == client:
-                rows.append((row[index], *row[len(ROW_GROUPS) :]))
+                rows.append((row[index], *row[len(ROW_GROUPS) : -1]))
     return aggregate(rows)
 
 
@@ -123,10 +134,12 @@ class ClusterAnalytics:
         self._own: LiveSummary | None = None
         self._others: dict[str, tuple[float, LiveSummary]] = {}  # server id -> (monotonic s when read, summary)
         self._rows: list[bytes] = []  # shared rows not yet written
+        self._row_seq = 0  # numbers this server's shared rows
+        # A restarted server may keep its --server-id: the random part keeps its rows' ids new.
+        self._row_prefix = f"{store.server_id}/{secrets.token_hex(4)}/"
         self._gone: list[str] = []  # servers whose summary had expired at the last read
         self._read_chunk = self._redis.register_script(READ_SCRIPT)  # EVALSHA, loaded on first use
         self._failing = False
-        self.last_sync_s = 0.0  # the wall time of the last sync (for the cost measurement)
 
     @property
     def ready(self) -> bool:
@@ -135,7 +148,9 @@ class ClusterAnalytics:
 
     def share(self, records: Iterable[StreamRecord]) -> None:
         """Queues ended streams' rows for the next sync (bounded)."""
-        self._rows.extend(orjson.dumps(shared_row(r)) for r in records)
+        for r in records:
+            self._row_seq += 1
+            self._rows.append(orjson.dumps(shared_row(r, f"{self._row_prefix}{self._row_seq}")))
         excess = len(self._rows) - self._settings.backlog_rows
         if excess > 0:
             del self._rows[:excess]
@@ -148,7 +163,6 @@ class ClusterAnalytics:
         self._own = own
         if not self._store.healthy:
             return
-        started = time.perf_counter()
         rows, self._rows = self._rows, []
         try:
             await asyncio.wait_for(self._sync(own, rows), self._settings.timeout_s)
@@ -164,7 +178,6 @@ class ClusterAnalytics:
         if self._failing:
             log.warning("publishing this server's analytics to the store works again")
         self._failing = False
-        self.last_sync_s = time.perf_counter() - started
 
     def _requeue(self, rows: list[bytes]) -> None:
         """Rows of a failed pipeline go out with the next one (see the module docstring)."""
@@ -183,6 +196,7 @@ class ClusterAnalytics:
             pipe.xadd(self._log_key, {b"r": row}, maxlen=self._settings.request_log_rows, approximate=True)
         pipe.zrange(self._index_key, 0, -1)
         results = await pipe.execute()
+        rows.clear()  # written: a failure reading the others below must not queue them again
         ids = [m.decode() for m in results[-1]]
         ids = [i for i in ids if i != self.server_id]
         values: list[bytes | None] = []

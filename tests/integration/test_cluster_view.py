@@ -236,3 +236,39 @@ async def test_while_redis_is_unreachable_watch_stats_shows_this_server_and_stat
     await eventually(lambda: snapshot(a.address), lambda s: s.ended_1m == 5, "the whole view again")
     rows = (await eventually(lambda: stats(b.address), lambda r: sum(x.streams for x in r.rows) >= 5, "the rows written during the outage")).rows
     assert sum(x.streams for x in rows) == 5
+
+
+async def test_rows_of_a_pipeline_that_timed_out_are_sent_again_and_counted_once(redis_server):
+    """In process, against a real Redis frozen (SIGSTOP) mid-pipeline: it runs what waited in
+    its socket when it thaws, so the retried rows land twice; Stats counts them once."""
+    import redis as sync_redis
+
+    from server.analytics.cluster import ClusterAnalytics, ClusterSettings
+    from server.analytics.live import LiveWindow
+    from server.analytics.summary import summarize_window
+    from server.store.base import RedisStore
+    from tests.unit.analytics.test_analytics import record
+
+    store = RedisStore(redis_server.url, "solo")
+    await store.connect()
+    cluster = ClusterAnalytics(store, ClusterSettings(timeout_s=0.5))
+    own = summarize_window(LiveWindow(), "solo", 0, active_streams=0, sessions=0, tenants={})
+    direct = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        cluster.share([record("a"), record("b"), record("c")])
+        await cluster.sync(own)
+        assert direct.xlen("llmproxy:requests") == 3
+        cluster.share([record("d"), record("e")])
+        redis_server.pause()
+        try:
+            await asyncio.wait_for(cluster.sync(own), 5)  # times out inside; never raises
+        finally:
+            redis_server.resume()
+        await eventually(lambda: direct.xlen("llmproxy:requests"), lambda n: n == 5, "the frozen pipeline's rows")
+        await cluster.sync(own)  # the same two rows again
+        assert direct.xlen("llmproxy:requests") == 7
+        (row,) = await cluster.stats(600, "model", None)
+        assert row["streams"] == 5
+    finally:
+        direct.close()
+        await store.aclose()
