@@ -24,6 +24,7 @@ from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge.secret_file import read_secret
 from bridge.supervisor import Supervisor, run_loop
+from server.analytics.cluster import ClusterAnalytics
 from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.tracing import OtlpHttpExporter, Tracer
@@ -215,6 +216,8 @@ async def serve(options: Options) -> None:
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
     analytics = Analytics(metrics, request_log, LiveWindow(breaker_state=router.breaker_state, breaker_states=router.breaker_states), enabled=options.analytics)
     analytics.live.watch_routing(router)  # failed attempts, retries and failovers on the dashboard
+    if isinstance(store, RedisStore) and options.analytics:  # every server's live view and request log
+        analytics.cluster = ClusterAnalytics(store)
     if options.otlp_endpoint:
         analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
@@ -287,6 +290,8 @@ async def serve(options: Options) -> None:
     await servicer.aclose()
     await catalog.aclose()
     await analytics.flush()
+    if analytics.cluster is not None:
+        await analytics.cluster.leave()  # out of the cluster's live view now, not after the TTL
     await store.aclose()
     if analytics.tracer is not None:
         await analytics.tracer.aclose()

@@ -29,13 +29,14 @@ import grpc
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
+from server.analytics.cluster import SharedLogUnavailable
 from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
 from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
 from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
-from server.auth.tenancy import tenant_view, watching
+from server.auth.tenancy import tenant_counts, tenant_view, watching
 from server.cache.cache import ResponseCache
 from server.catalog import Catalog
 from server.core.events import Attempt, Failed, Routed, StreamEvent
@@ -565,6 +566,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
                 active += session.live_streams
                 tokens += session.tokens_relayed
             self._analytics.tick(now, active, len(self._registry), tokens + self._tokens_gone)
+            self._analytics.count_tenants(lambda: tenant_counts(self._runtimes.values()))  # cluster view only
             await self._analytics.flush()
 
     def cancel_key_streams(self, key_id: str) -> None:
@@ -682,7 +684,10 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if log_ is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the request log is off (server --request-log)")
         assert log_ is not None
-        rows = await asyncio.to_thread(log_.stats, request.window_s or 3600, group_by, None, tenant)
+        try:  # this server's log, or with a shared store every server's (server/analytics/cluster.py)
+            rows = await self._analytics.stats(request.window_s or 3600, group_by, tenant)
+        except SharedLogUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return pb.StatsResponse(rows=[pb.StatsRow(**row) for row in rows])  # type: ignore[arg-type]
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext) -> None:

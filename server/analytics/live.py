@@ -92,6 +92,33 @@ class LiveWindow:
         while self._routing and now_ns - self._routing[0][0] > WINDOW_NS:
             self._routing.popleft()
 
+    # -- what the cluster's view reads (server/analytics/summary.py) -------------------------
+
+    def records(self) -> list[StreamRecord]:
+        """The window's ended streams, oldest first."""
+        return [r for _, r in self._recent]
+
+    def routing_counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per deployment: (failed attempts, retries, failovers) of the window."""
+        counts: dict[str, list[int]] = {}
+        order = (Routing.FAILED_ATTEMPT, Routing.RETRY, Routing.FAILOVER)
+        for _, name, kind in self._routing:
+            counts.setdefault(name, [0, 0, 0])[order.index(kind)] += 1
+        return {name: (c[0], c[1], c[2]) for name, c in counts.items()}
+
+    def provider_of(self, deployment: str) -> str:
+        return self._provider_of(deployment)
+
+    def breakers(self, names: Iterable[str]) -> dict[str, str]:
+        """The breaker state of `names` and of every configured deployment whose breaker is not
+        closed (empty when this window knows no breakers)."""
+        states: dict[str, str] = {}
+        if self._breaker_state is not None:
+            states.update((name, self._breaker_state(name)) for name in names)
+        if self._breaker_states is not None:
+            states.update((name, state) for name, state in self._breaker_states().items() if state != "closed")
+        return states
+
     def snapshot(self, time_ms: int, active_streams: int, sessions: int, client: str | None = None) -> pb.StatsSnapshot:
         """The live picture; with `client`, of that client's streams only (a tenant's view:
         the caller passes that client's own counts, and throughput is not shown)."""

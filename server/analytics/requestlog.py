@@ -90,37 +90,48 @@ class RequestLog:
         only = "" if client is None else " AND client = ?"
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {column}, failed, status, completion_tokens, ttft_us, itl_p95_us, ux_score, tokens, cache, cached_input_tokens "
+                f"SELECT {column}, {', '.join(STATS_COLUMNS)} "
                 f"FROM streams WHERE ended_ms >= ?{only} ORDER BY 1",
                 (since,) if client is None else (since, client),
             ).fetchall()
-        groups: dict[str, list[tuple[int, str, int, int, int, float, int, str, int]]] = {}
-        for name, *rest in rows:
-            groups.setdefault(name, []).append(tuple(rest))
-        out: list[dict[str, float | int | str]] = []
-        for name, items in sorted(groups.items()):
-            ttfts = sorted(i[3] for i in items if i[6])
-            itls = [i[4] for i in items if i[6] > 1]
-            out.append(
-                {
-                    "name": name,
-                    "streams": len(items),
-                    "errors": sum(i[0] for i in items),
-                    "cancelled": sum(1 for i in items if i[1] == "cancelled"),
-                    "completion_tokens": sum(i[2] for i in items),
-                    "ttft_p50_ms": _pct(ttfts, 0.5) / 1000,
-                    "ttft_p95_ms": _pct(ttfts, 0.95) / 1000,
-                    "itl_p95_ms": (statistics.median(itls) / 1000) if itls else 0.0,
-                    "ux_score": statistics.fmean(i[5] for i in items),
-                    "cache_hits": sum(1 for i in items if i[7]),
-                    "cached_input_tokens": sum(i[8] for i in items),
-                }
-            )
-        return out
+        return aggregate(rows)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# One row as `aggregate` reads it: the group's name, then the columns of STATS_COLUMNS.
+STATS_COLUMNS = ("failed", "status", "completion_tokens", "ttft_us", "itl_p95_us", "ux_score", "tokens", "cache", "cached_input_tokens")
+StatsRow = tuple[str, int, str, int, int, int, float, int, str, int]
+
+
+def aggregate(rows: Iterable[StatsRow]) -> list[dict[str, float | int | str]]:
+    """The `Stats` aggregates per group (sorted by name) of rows (name, *STATS_COLUMNS): the one
+    computation behind the SQLite log and the cluster's shared log (server/analytics/cluster.py)."""
+    groups: dict[str, list[tuple[int, str, int, int, int, float, int, str, int]]] = {}
+    for name, *rest in rows:
+        groups.setdefault(name, []).append(tuple(rest))  # type: ignore[arg-type]
+    out: list[dict[str, float | int | str]] = []
+    for name, items in sorted(groups.items()):
+        ttfts = sorted(i[3] for i in items if i[6])
+        itls = [i[4] for i in items if i[6] > 1]
+        out.append(
+            {
+                "name": name,
+                "streams": len(items),
+                "errors": sum(i[0] for i in items),
+                "cancelled": sum(1 for i in items if i[1] == "cancelled"),
+                "completion_tokens": sum(i[2] for i in items),
+                "ttft_p50_ms": _pct(ttfts, 0.5) / 1000,
+                "ttft_p95_ms": _pct(ttfts, 0.95) / 1000,
+                "itl_p95_ms": (statistics.median(itls) / 1000) if itls else 0.0,
+                "ux_score": statistics.fmean(i[5] for i in items),
+                "cache_hits": sum(1 for i in items if i[7]),
+                "cached_input_tokens": sum(i[8] for i in items),
+            }
+        )
+    return out
 
 
 def _pct(values: list[int], q: float) -> float:

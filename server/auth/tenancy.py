@@ -32,6 +32,17 @@ def tenant_view(principal: Principal | None, runtimes: Iterable[_HasSession]) ->
     return principal.key_id, sum(s.live_streams for s in own), len(own)
 
 
+def tenant_counts(runtimes: Iterable[_HasSession]) -> dict[str, tuple[int, int]]:
+    """Every key's (live streams, sessions) on this server, for the cluster's tenant views
+    (server/analytics/summary.py): what `tenant_view` counts for one key, for all at once."""
+    counts: dict[str, tuple[int, int]] = {}
+    for r in runtimes:
+        session = r.session
+        streams, sessions = counts.get(session.owner, (0, 0))
+        counts[session.owner] = (streams + session.live_streams, sessions + 1)
+    return counts
+
+
 @asynccontextmanager
 async def watching(auth: AuthPolicy | None, principal: Principal | None, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Holds one of the key's connections for the body; aborts the call RESOURCE_EXHAUSTED when
