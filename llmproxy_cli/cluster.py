@@ -278,8 +278,8 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--run-dir", default=".run", help="Redis data, request logs and the relay token live here")
     parser.add_argument("--relay-token-file", default="", help="default: RUN_DIR/relay-token (made if missing)")
     parser.add_argument("--allowed-origin", action="append", default=[], help="passed to every bridge (repeatable)")
-    parser.add_argument("--server-arg", action="append", default=[], help="one more argument for every server (repeatable)")
-    parser.add_argument("--bridge-arg", action="append", default=[], help="one more argument for every bridge (repeatable)")
+    parser.add_argument("--server-arg", action="append", default=[], help="one more argument for every server (repeatable; --server-arg=--flag)")
+    parser.add_argument("--bridge-arg", action="append", default=[], help="one more argument for every bridge (repeatable; --bridge-arg=--flag)")
     args = parser.parse_args(argv)
     if args.procs < 1:
         parser.error("--procs must be at least 1")
