@@ -111,6 +111,10 @@ def channel_options(keepalive_ms: int) -> list[tuple[str, int]]:
     ]
 
 
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    return f"llmproxy-bridge: cannot listen on {host}:{port}: {exc.strerror or exc} (in use? bridges share a port only with --reuse-port)"
+
+
 async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> None:
     options = channel_options(config.grpc_keepalive_ms)
     channels: list[grpc.aio.Channel] = []
@@ -123,7 +127,10 @@ async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> 
         channel.get_state(try_to_connect=True)  # connect now: the first stream should not pay for it
         channels.append(channel)
     bridge = Bridge(config, channels)
-    server = await bridge.start()
+    try:
+        server = await bridge.start()
+    except OSError as exc:
+        raise SystemExit(cannot_listen(config.host, config.port, exc)) from None
     jobs = Supervisor(log)
     jobs.start("relay", bridge.relay.run)
     jobs.start("watchdog", bridge.watchdog)
@@ -134,7 +141,10 @@ async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> 
         if config.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(config.tls_cert, config.tls_key)
-        await http.start(tls)
+        try:
+            await http.start(tls)
+        except OSError as exc:
+            raise SystemExit(cannot_listen(http_config.host, http_config.port, exc)) from None
         http_scheme = "https" if config.tls_cert else "http"
         print(f"llmproxy-bridge http on {http_scheme}://{http_config.host}:{http.port}", flush=True)
     port = next(iter(server.sockets)).getsockname()[1]
