@@ -37,6 +37,13 @@ PACE = ("--demo-ttft-ms", "20", "--demo-tokens-per-s", "200", "--demo-jitter", "
 PROMPT = "What is a black hole?"
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 class Launcher:
     def __init__(self, tmp_path: Path) -> None:
         rng = random.Random()
@@ -58,6 +65,7 @@ class Launcher:
             args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.lines: list[str] = []
+        self.seen: set[int] = set()  # every child pid seen, for the cleanup
         self.ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -83,10 +91,15 @@ class Launcher:
             role = "server" if "server.main" in cmd else "bridge" if "bridge.main" in cmd else "redis" if "redis-server" in cmd else ""
             if role:
                 found[f"{role}-{sum(k.startswith(role) for k in found)}"] = pid
+        self.seen.update(found.values())
         return found
 
     def kill_all(self) -> None:  # the test's own cleanup, should it fail half-way
-        for pid in self.children().values():
+        if self.popen.poll() is None:
+            self.children()
+        for pid in self.seen:
+            if not alive(pid) or not any(m in cmdline(pid) for m in ("server.main", "bridge.main", "redis-server")):
+                continue  # gone (its pid may be another process's by now)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -184,5 +197,22 @@ async def test_cluster_of_two_streams_spreads_and_stops_cleanly(tmp_path):
         assert not [name for name, pid in pids.items() if alive(pid)], launcher.text()
         assert stopped_in < 40
         assert "did not stop; killing it" not in launcher.text()
+    finally:
+        launcher.kill_all()
+
+
+async def test_a_killed_launcher_leaves_no_process_behind(tmp_path):
+    redis_binary()
+    launcher = Launcher(tmp_path)
+    try:
+        launcher.wait_ready()
+        pids = launcher.children()
+        assert len(pids) == 5, pids
+        launcher.popen.kill()  # SIGKILL: no chance to stop anything; the kernel tells the children
+        launcher.popen.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not [name for name, pid in pids.items() if alive(pid)]
     finally:
         launcher.kill_all()

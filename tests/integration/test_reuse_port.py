@@ -26,7 +26,8 @@ def test_a_second_server_on_a_taken_port_is_refused_without_the_flag():
     first = start_server()
     try:
         with pytest.raises(RuntimeError) as info:
-            start_server("--listen", first.address)  # the later --listen wins
+            second = start_server("--listen", first.address)  # the later --listen wins
+            second.stop()  # it bound: the test fails, and leaves nothing running
         assert "servers share a port only with --reuse-port" in str(info.value)
         assert "Traceback" not in str(info.value)
     finally:
@@ -39,7 +40,7 @@ def test_a_second_bridge_on_a_taken_port_is_refused_without_the_flag():
     try:
         bridges.append(start_bridge(server.address))
         with pytest.raises(RuntimeError) as info:
-            start_bridge(server.address, port=bridges[0].port)
+            bridges.append(start_bridge(server.address, port=bridges[0].port))  # stopped below if it bound
         assert "bridges share a port only with --reuse-port" in str(info.value)
         assert "Traceback" not in str(info.value)
     finally:
