@@ -1,6 +1,7 @@
-"""The WebSocket bridge: browser JSON frames in, one batched relay call to the server out.
+"""The WebSocket bridge: browser JSON frames in, one batched relay call per server out.
 
-Every WebSocket is a `WSLink` carried by the bridge's one `Relay` call (bridge/relay.py). Its
+Every WebSocket is a `WSLink` carried by one of the bridge's `Relay` calls (bridge/relay.py; one
+per server, bridge/pool.py, which also moves it to another server when its server goes away). Its
 reader decodes each text frame with the codec and queues the proto on the relay (a bad frame is
 answered with an error frame and the connection goes on). Frames from the server arrive in the
 relay's shared batches and go straight to the socket while it takes them; a socket whose send
@@ -23,8 +24,8 @@ never `null`. Every refused handshake is logged with the origin and the flag tha
 `/stats` is a second WebSocket endpoint: one `WatchStats` subscription per connection, each
 snapshot sent as one JSON frame (the dashboard's feed; no keys, no prompt text).
 
-Plain HTTP on the same port: `/healthz` (the process serves), `/readyz` (its relay to the server
-is open: 503 otherwise, for load balancers), the demo chat page at `/`, its static files, and the
+Plain HTTP on the same port: `/healthz` (the process serves), `/readyz` (a relay to a server is
+open: 503 otherwise, for load balancers), the demo chat page at `/`, its static files, and the
 JavaScript client under `/js/`. Every other path gets the same 404.
 """
 
