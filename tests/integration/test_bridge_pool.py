@@ -7,7 +7,7 @@
   few seconds; with shared sessions they continue. Either way: never a connection left waiting
   for the dead server (that would end `unavailable` only after --reattach-timeout-s, 30 s here),
   never a stream reported done with a cut text; the others finish exactly; new connections work;
-  /readyz stays ready.
+  /readyz stays ready, until the last server is gone too.
 """
 
 from __future__ import annotations
@@ -118,6 +118,13 @@ async def test_two_servers_spread_and_a_killed_servers_connections_move_to_the_o
             while not got or got[-1]["type"] not in ("done", "error"):
                 got.append(await recv(ws, 20))
             assert got[-1]["type"] == "done" and text_of(got) == expected
+
+        # With neither server, the bridge is not ready (load balancers send no one here).
+        servers[1].kill()
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/readyz", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
     finally:
         if bridge is not None:
             bridge.stop()
