@@ -246,6 +246,10 @@ class Cluster:
         await stop.wait()
         self._out("llmproxy cluster: stopping")
         await self.stop()
+        if self.died:
+            self._out(f"llmproxy cluster: stopped; while it ran, {'; '.join(self.died)}")
+        else:
+            self._out("llmproxy cluster: stopped")
 
 
 def _signal(child: Child, sig: signal.Signals) -> None:

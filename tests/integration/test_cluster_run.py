@@ -199,6 +199,7 @@ async def test_cluster_of_two_streams_spreads_and_stops_cleanly(tmp_path):
         assert not [name for name, pid in pids.items() if alive(pid)], launcher.text()
         assert stopped_in < 40
         assert "did not stop; killing it" not in launcher.text()
+        assert "stopped; while it ran, server-1" in launcher.text()
     finally:
         launcher.kill_all()
 
