@@ -242,7 +242,18 @@ class Cluster:
         await asyncio.gather(*pumps, return_exceptions=True)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
+        """Starts everything, waits for `stop`, stops everything. A stop during the start-up
+        stops what has started so far. Raises StartError."""
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # start() stops what it started when cancelled
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            self._out("llmproxy cluster: stopped during start-up")
+            return
+        stopping.cancel()
+        starting.result()  # StartError
         await stop.wait()
         self._out("llmproxy cluster: stopping")
         await self.stop()
