@@ -115,6 +115,13 @@ class SessionExpired(CallerError):
     code = Code.EXPIRED
 
 
+class StoreUnavailable(CallerError):
+    """The shared store (Redis) does not answer: new streams wait until it does."""
+
+    code = Code.UNAVAILABLE
+    retryable = True
+
+
 class TooManySessions(CallerError):
     code = Code.RATE_LIMITED
     retryable = True

@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None) -> Options:
         "--store", default="memory", help="memory (one process), or redis://host:port/db shared by several servers (docs/deploy.md)"
     )
     parser.add_argument("--server-id", default="", help="this server's name in a cluster (default: host-pid-random)")
+    parser.add_argument(
+        "--takeover-s", type=float, default=3.0, help="with --store redis: a dead server's streams are taken over by another within this"
+    )
     parser.add_argument("--routing-seed", type=int, default=None, help="seed the load-balancing and backoff choices (reproducible tests)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -130,6 +133,7 @@ def parse_args(argv: list[str] | None) -> Options:
         max_sessions=args.max_sessions,
         slow_client_timeout_s=args.slow_client_timeout_s,
         tick_interval_s=min(1.0, args.heartbeat_interval_s / 2, args.resume_grace_s / 4, args.slow_client_timeout_s / 4),
+        takeover_s=args.takeover_s,
     )
     if args.no_analytics:
         args.metrics_listen, args.request_log = "", ""
@@ -282,6 +286,11 @@ async def serve(options: Options) -> None:
     jobs.start("keep-alive", servicer.keep_alive)
     jobs.start("report", servicer.report)
     jobs.start("store-health", store.watch_health)
+    shared = servicer.shared
+    if shared is not None:  # sessions on Redis (server/store/sessions.py)
+        jobs.start("store-writer", shared.write_loop)
+        jobs.start("store-follow", shared.follow_loop)
+        jobs.start("store-leases", shared.lease_loop)
     if auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
         jobs.start("revocations", lambda: auth.watch(servicer.cancel_key_streams))
     stop = asyncio.Event()
@@ -293,6 +302,8 @@ async def serve(options: Options) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_s)
     await jobs.stop()
+    if shared is not None:
+        await shared.leave()  # what still runs here is taken over at once
     await servicer.aclose()
     await catalog.aclose()
     await analytics.flush()

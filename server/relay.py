@@ -93,6 +93,10 @@ class RelayCall:
         self._dirty: dict[RelayedConnection, None] = {}  # ordered set
         self._ended: list[pb.RelayDownEntry] = []
         self._wake = asyncio.Event()
+        # With Redis a resume reads the store first: the connection's later entries wait here,
+        # in order, until it is done (the other connections go on).
+        self._waiting: dict[int, list[pb.RelayUpEntry]] = {}
+        self._resumes: set[asyncio.Task[None]] = set()
         self.messages_written = 0
         self.entries_written = 0
 
@@ -122,7 +126,9 @@ class RelayCall:
         finally:
             reader.cancel()
             writer.cancel()
-            await asyncio.shield(asyncio.gather(reader, writer, return_exceptions=True))
+            for task in self._resumes:
+                task.cancel()
+            await asyncio.shield(asyncio.gather(reader, writer, *self._resumes, return_exceptions=True))
             for connection in list(self._conns.values()):
                 self._release(connection)
             self._conns.clear()
@@ -136,11 +142,45 @@ class RelayCall:
             if batch is grpc.aio.EOF:
                 return
             for entry in batch.entries:
-                try:
-                    self._receive(entry)
-                except Exception:  # a bug of ours: that connection ends, the others go on
-                    log.error("relayed connection failed with an internal error", exc_info=True)
-                    self.end(entry.conn, CODE_TO_PROTO[Code.INTERNAL], "internal error; details are in the server log")
+                self._receive_one(entry)
+
+    def _receive_one(self, entry: pb.RelayUpEntry) -> None:
+        waiting = self._waiting.get(entry.conn)
+        if waiting is not None:  # a resume of this connection is reading the store
+            waiting.append(entry)
+            return
+        try:
+            self._receive(entry)
+        except Exception:  # a bug of ours: that connection ends, the others go on
+            log.error("relayed connection failed with an internal error", exc_info=True)
+            self.end(entry.conn, CODE_TO_PROTO[Code.INTERNAL], "internal error; details are in the server log")
+
+    def _resume_later(self, connection: RelayedConnection, resume: pb.Resume, end_on_failure: bool) -> None:
+        """A resume through the shared store (server/service.py `resume_shared`)."""
+        self._waiting[connection.conn] = []
+        task = asyncio.ensure_future(self._resume(connection, resume, end_on_failure))
+        self._resumes.add(task)
+        task.add_done_callback(self._resumes.discard)
+
+    async def _resume(self, connection: RelayedConnection, resume: pb.Resume, end_on_failure: bool) -> None:
+        conn = connection.conn
+        try:
+            resumed = await self._service.resume_shared(connection, resume)
+        except Exception:
+            log.error("resume failed with an internal error", exc_info=True)
+            resumed = False
+        queued = self._waiting.pop(conn, [])
+        if self._conns.get(conn) is not connection:
+            return
+        if not resumed and end_on_failure:
+            self.end(conn, CODE_TO_PROTO[Code.EXPIRED], "the session could not be resumed; it has expired")
+            return
+        connection.notify()
+        for i, entry in enumerate(queued):
+            self._receive_one(entry)
+            if conn in self._waiting:  # another resume: the rest waits behind it
+                self._waiting[conn].extend(queued[i + 1 :])
+                return
 
     def _receive(self, entry: pb.RelayUpEntry) -> None:
         kind = entry.WhichOneof("kind")
@@ -150,7 +190,10 @@ class RelayCall:
                 return  # ended by the server; the bridge has been told
             frame = entry.frame
             if frame.WhichOneof("kind") == "resume":
-                self._service.resume(connection, frame.resume)
+                if self._service.shared is not None:
+                    self._resume_later(connection, frame.resume, False)
+                else:
+                    self._service.resume(connection, frame.resume)
             else:
                 connection.runtime.feed_frame(frame)
         elif kind == "open":
@@ -179,6 +222,9 @@ class RelayCall:
         self._conns[conn] = connection
         runtime.owner = connection
         if open_.HasField("resume"):  # re-attached by the bridge: `resumed` and the replay
+            if self._service.shared is not None:
+                self._resume_later(connection, open_.resume, True)
+                return
             if not self._service.resume(connection, open_.resume):
                 self.end(conn, CODE_TO_PROTO[Code.EXPIRED], "the session could not be resumed; it has expired")
                 return

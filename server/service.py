@@ -40,11 +40,15 @@ from server.cache.cache import ResponseCache
 from server.catalog import Catalog
 from server.core.events import Attempt, Failed, Routed, StreamEvent
 from server.core.registry import SessionRegistry
-from server.core.session import CancelUpstream, Session, StartUpstream, StreamRecord
+from server.core.session import CancelUpstream, ForwardFrame, Session, StartUpstream, StreamRecord
 from server.core.session_limits import SessionLimits
-from server.errors import InternalError, ProxyError, StreamCut, Unauthenticated
+from server.errors import InternalError, ProxyError, SessionExpired, StoreUnavailable, StreamCut, TooManySessions, Unauthenticated
 from server.routing import Router
-from server.store.base import Store
+from server.core.registry import EXPIRED_MESSAGE
+from server.routing.policy import AfterFirstToken
+from server.store.base import RedisStore, Store
+from server.store.codec import load_request
+from server.store.sessions import RedisSessions, SyncState
 from server.tracing import TraceContext, Tracer, traceparent_of
 
 log = logging.getLogger("llmproxy.server")
@@ -57,6 +61,7 @@ class ServiceSettings:
     max_sessions: int = 100_000
     slow_client_timeout_s: float = 10.0  # a write blocked this long ends the call
     tick_interval_s: float = 1.0
+    takeover_s: float = 3.0  # with Redis: a dead server's streams are taken over within this
 
 
 class Kick(enum.Enum):
@@ -93,8 +98,17 @@ class SessionRuntime:
         # The key's models and limits, checked before a start or modify reaches the session
         # (auth on): each is a new provider request (server/auth/admission.py).
         self.admit: Callable[[pb.ClientFrame], ProxyError | None] | None = None
+        self.principal: Principal | None = None  # the key it was opened with (None without auth)
+        # With Redis (server/store/sessions.py): the driver that writes this session there.
+        self.shared: RedisSessions | None = None
+        self.sync = SyncState()
 
     def feed_frame(self, frame: pb.ClientFrame) -> None:
+        shared = self.shared
+        if shared is not None and not shared.store.healthy and frame.WhichOneof("kind") == "start":
+            self.session.reject(frame.start.stream_id, StoreUnavailable("the session store does not answer; try again shortly", retry_after_s=1.0))
+            self.wake()
+            return
         if self.admit is not None and frame.WhichOneof("kind") in ADMITTED:
             refused = self.admit(frame)
             if refused is not None:  # an error with seq 0, before any upstream call
@@ -113,6 +127,8 @@ class SessionRuntime:
         owner = self.owner
         if owner is not None:
             owner.notify()
+        if self.shared is not None:
+            self.shared.mark(self)
         return live
 
     def wake(self) -> None:
@@ -128,7 +144,17 @@ class SessionRuntime:
                     task.cancel()
             elif isinstance(action, StartUpstream):
                 self._upstreams[action.stream_id] = asyncio.create_task(self._run_upstream(action))
+            elif isinstance(action, ForwardFrame) and self.shared is not None:
+                self.shared.forward(self.session.id, action)
+        if self.shared is not None:
+            self.shared.mark(self)
         self.wake()
+
+    def disown(self, stream_id: str) -> None:
+        """Another server took this stream over (it thought this one dead): stop generating it."""
+        task = self._upstreams.pop(stream_id, None)
+        if task is not None:
+            task.cancel()
 
     async def aclose(self) -> None:
         """Cancels every upstream task and waits for their cleanup (closing HTTP responses)."""
@@ -143,7 +169,12 @@ class SessionRuntime:
         trace = tracer.begin_stream(session.id, stream_id, self.trace_parent) if tracer else None
         attempt_error: str | None = "cancelled"  # until the upstream work ends otherwise
         try:
-            source = self._router.stream(action.request) if self._cache is None else self._cache.stream(self._router.stream, action, session.owner)
+            if action.partial:  # taken over from a server that died: continue its answer
+                source = self._router.stream(action.request, action.partial)
+            elif self._cache is None:
+                source = self._router.stream(action.request)
+            else:
+                source = self._cache.stream(self._router.stream, action, session.owner)
             async with aclosing(source) as events:
                 async for event in events:
                     if tracer and trace and isinstance(event, Attempt):  # a retry or failover replaces a failed one
@@ -227,7 +258,10 @@ class Connection:
             if frame is grpc.aio.EOF:
                 return
             if frame.WhichOneof("kind") == "resume":
-                self._service.resume(self, frame.resume)
+                if self._service.shared is not None:
+                    await self._service.resume_shared(self, frame.resume)
+                else:
+                    self._service.resume(self, frame.resume)
             else:
                 self.runtime.feed_frame(frame)
 
@@ -304,12 +338,26 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             max_sessions=settings.max_sessions,
         )
         self._runtimes: dict[str, SessionRuntime] = {}
+        # Redis: sessions shared with the other servers (server/store/sessions.py); None: memory.
+        self.shared: RedisSessions | None = None
+        if isinstance(self._store, RedisStore):
+            self.shared = RedisSessions(
+                self._store,
+                self._runtimes.get,
+                self._take_over,
+                resume_grace_s=settings.resume_grace_s,
+                max_frames=settings.limits.max_replay_frames,
+                lease_s=settings.takeover_s,
+            )
 
     # -- sessions --------------------------------------------------------------------------------
 
     def detach(self, runtime: SessionRuntime) -> None:
         runtime.owner = None
         self._registry.detach(runtime.session, time.monotonic_ns())
+        shared = self.shared
+        if shared is not None and not runtime.session.is_fresh():
+            (shared.closed if runtime.session.closed else shared.detached)(runtime)
         if runtime.session.closed or runtime.session.is_fresh():  # nothing left to resume
             self._runtimes.pop(runtime.session.id, None)
             self._forget(runtime.session)
@@ -320,6 +368,10 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         session = self._registry.create(time.monotonic_ns(), owner, api)
         runtime = SessionRuntime(session, self._router, self._analytics.tracer, self._cache)
         self._runtimes[session.id] = runtime
+        if self.shared is not None:
+            session.persist = True
+            runtime.shared = self.shared
+            self.shared.attached(runtime)
         return runtime
 
     def resume(self, attachment: Attachment, resume: pb.Resume) -> bool:
@@ -340,17 +392,149 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         attachment.notify()
         return True
 
+    async def resume_shared(self, attachment: Attachment, resume: pb.Resume) -> bool:
+        """`resume` with Redis: the session may live (in part) on other servers. Reads it from
+        the store, replays each named stream from there (or from this server when it generates
+        it) and follows the streams other servers generate; returns whether it resumed."""
+        shared = self.shared
+        assert shared is not None
+        current = attachment.runtime
+        if not self._registry.check_resume(current.session, resume):
+            attachment.notify()
+            return False
+        try:
+            loaded = await shared.load(resume, current.session.owner)
+        except Exception as exc:
+            log.warning("resume: the store does not answer: %s", exc)
+            current.session.reject("", StoreUnavailable("the session store does not answer; try again shortly", retry_after_s=1.0))
+            attachment.notify()
+            return False
+        if current.owner is not attachment or attachment.runtime is not current:
+            return False  # the connection ended (or moved) while the store answered
+        if loaded is None:
+            current.session.reject("", SessionExpired(EXPIRED_MESSAGE))
+            attachment.notify()
+            return False
+        now = time.monotonic_ns()
+        runtime = self._runtimes.get(resume.session_id)
+        if runtime is None or runtime.session.closed:
+            try:
+                runtime = self._shared_runtime(resume.session_id, resume.resume_token, loaded.owner, loaded.api, now)
+            except TooManySessions as exc:
+                current.session.reject("", exc)
+                attachment.notify()
+                return False
+            runtime.principal = current.principal
+            if current.principal is not None:
+                runtime.admit = self._admission(current.principal, runtime.session)
+        session = runtime.session
+        session.token = resume.resume_token
+        session.restore_conversations(loaded.conversations)
+        for position in resume.streams:
+            sid = position.stream_id
+            known = loaded.requests.get(sid)
+            if known is None:
+                continue
+            request, conversation = known
+            entries = loaded.frames.get(sid, [])
+            server = loaded.servers.get(sid, "")
+            if session.follow(sid, server, request, conversation, [f for _, f in entries], now) and server != shared.me:
+                shared.follow(runtime, sid, entries[-1][0] if entries else f"{position.last_seq}-0".encode())
+        self._registry.swap(current.session, session, resume, now)
+        self._runtimes.pop(current.session.id, None)
+        previous = runtime.owner
+        runtime.owner = attachment
+        attachment.runtime = runtime
+        if previous is not None and previous is not attachment:
+            previous.kick(Kick.RESUMED_ELSEWHERE)
+        shared.attached(runtime)
+        attachment.notify()
+        return True
+
+    def _shared_runtime(self, session_id: str, token: str, owner: str, api: str, now_ns: int) -> SessionRuntime:
+        """A runtime here for a session another server began (raises `TooManySessions`)."""
+        assert self.shared is not None
+        session = Session(
+            session_id,
+            token,
+            self._settings.limits,
+            self._catalog,
+            time.time_ns,
+            now_ns,
+            resume_grace_ms=int(self._settings.resume_grace_s * 1000),
+            owner=owner,
+            api=api,
+        )
+        session.persist = True
+        self._registry.add(session, now_ns)
+        runtime = SessionRuntime(session, self._router, self._analytics.tracer, self._cache)
+        runtime.shared = self.shared
+        runtime.sync.written = True
+        self._runtimes[session_id] = runtime
+        return runtime
+
+    def _take_over(self, session_id: str, stream_b: bytes, request_json: bytes, frames: list[tuple[bytes, pb.ServerFrame]], meta: dict[bytes, bytes]) -> None:
+        """Continues a stream of a server that died (claimed in Redis by server/store/sessions.py)."""
+        now = time.monotonic_ns()
+        runtime = self._runtimes.get(session_id)
+        if runtime is None or runtime.session.closed:
+            try:
+                runtime = self._shared_runtime(session_id, "", meta.get(b"owner", b"").decode(), meta.get(b"api", b"").decode(), now)
+            except TooManySessions:
+                log.error("cannot take over a stream of session %s: this server holds its maximum of sessions", session_id)
+                return
+            self._registry.detach(runtime.session, now)  # nobody is attached here (yet)
+        request, conversation = load_request(request_json)
+        try:
+            may_continue = self._router.route(request.model).after_first_token is AfterFirstToken.CONTINUE
+        except ProxyError:
+            may_continue = False
+        cut = StreamCut("the server generating this stream stopped; it could not be continued")
+        runtime.session.adopt(stream_b.decode(), request, conversation, [f for _, f in frames], now, may_continue, cut)
+        runtime.apply()
+
     # -- periodic jobs (each supervised on its own by server/main.py) ---------------------------
 
     async def expire_sessions(self) -> None:
         """Closes sessions detached longer than the grace period (cancelling their upstreams)."""
         while True:
             await asyncio.sleep(self._settings.tick_interval_s)
-            for session in self._registry.expire(time.monotonic_ns()):
+            spare = await self._spared(time.monotonic_ns()) if self.shared is not None else set()
+            for session in self._registry.expire(time.monotonic_ns(), spare):
                 runtime = self._runtimes.pop(session.id, None)
                 if runtime is not None:
+                    if self.shared is not None:
+                        self.shared.closed(runtime)
                     runtime.apply()
                 self._forget(session)
+
+    async def _spared(self, now_ns: int) -> set[str]:
+        """With Redis: of the sessions detached here past the grace period, those that live on
+        (attached on another server, or detached there more recently). One attached elsewhere
+        is dropped here once no stream of it runs here."""
+        assert self.shared is not None
+        candidates = self._registry.expiry_candidates(now_ns)
+        if not candidates:
+            return set()
+        try:
+            verdicts = await self.shared.verdicts(candidates)
+        except Exception as exc:
+            log.warning("session expiry waits for the store: %s", exc)
+            return {s.id for s in candidates}
+        spare: set[str] = set()
+        recheck_ns = now_ns - int((self._settings.resume_grace_s - 1) * 1e9)
+        for session in candidates:
+            verdict = verdicts.get(session.id, "expire")
+            if verdict == "expire":
+                continue
+            spare.add(session.id)
+            if verdict == "elsewhere" and not session.live_streams:
+                self._registry.drop(session)
+                if self._runtimes.pop(session.id, None) is not None:
+                    self._forget(session)
+            else:
+                session.detached_ns = max(session.detached_ns, recheck_ns)
+        return spare
 
     async def keep_alive(self) -> None:
         """Heartbeats for silent streams; ends `Stream` calls whose client stopped reading."""
@@ -426,6 +610,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
     def admit_connection(self, principal: Principal | None, runtime: SessionRuntime) -> None:
         """Counts a connection against its key (raises `TooManyConnections`) and applies the
         key's per-start checks to its session."""
+        runtime.principal = principal
         if principal is not None:
             assert self._auth is not None
             self._auth.open_connection(principal)
@@ -468,6 +653,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         except ProxyError as exc:
             await _refuse_stream(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
+        runtime.principal = principal
         if principal is not None:
             runtime.admit = self._admission(principal, runtime.session)
         runtime.trace_parent = traceparent_of(context.invocation_metadata())

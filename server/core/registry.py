@@ -51,12 +51,7 @@ class SessionRegistry:
     def create(self, now_ns: int, owner: str = "", api: str = "") -> Session:
         """A fresh, attached session of `owner` (an API key id, "" without auth). Raises
         `TooManySessions` when none can be evicted."""
-        if len(self._sessions) >= self._max_sessions:
-            detached = [s for s in self._sessions.values() if not s.attached]
-            if not detached:
-                raise TooManySessions(f"the server holds its maximum of {self._max_sessions} sessions")
-            oldest = min(detached, key=lambda s: s.detached_ns)
-            self._forget(oldest, now_ns)
+        self._make_room(now_ns)
         session = Session(
             self._new_secret(12),
             self._new_secret(32),
@@ -71,6 +66,14 @@ class SessionRegistry:
         self._sessions[session.id] = session
         return session
 
+    def _make_room(self, now_ns: int) -> None:
+        if len(self._sessions) >= self._max_sessions:
+            detached = [s for s in self._sessions.values() if not s.attached]
+            if not detached:
+                raise TooManySessions(f"the server holds its maximum of {self._max_sessions} sessions")
+            oldest = min(detached, key=lambda s: s.detached_ns)
+            self._forget(oldest, now_ns)
+
     def get(self, session_id: str, token: str) -> Session | None:
         """The session if the token matches, else None (constant-time comparison)."""
         session = self._sessions.get(session_id)
@@ -79,6 +82,41 @@ class SessionRegistry:
         if not hmac.compare_digest(expected.encode(), token.encode()) or session is None or session.closed:
             return None
         return session
+
+    def by_id(self, session_id: str) -> Session | None:
+        """The session by id alone: for a resume whose token the shared store has checked."""
+        return self._sessions.get(session_id)
+
+    def add(self, session: Session, now_ns: int) -> None:
+        """A session that another server began (read from the shared store): held here like one
+        created here, evicting as `create` does. Raises `TooManySessions`."""
+        self._make_room(now_ns)
+        self._sessions[session.id] = session
+
+    def drop(self, session: Session) -> None:
+        """Forgets a session without closing it: it lives on another server now."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+
+    def check_resume(self, current: Session, resume: pb.Resume) -> bool:
+        """The checks of `resume` made before any lookup; False: `current` has the error queued."""
+        if not current.is_fresh():
+            current.reject("", InvalidRequest("resume must come before any stream on a connection"))
+            return False
+        refused = _check_streams(resume, current.resume_limit(), self._limits.max_stream_id_chars)
+        if refused is not None:
+            current.reject("", refused)
+            return False
+        return True
+
+    def swap(self, current: Session, target: Session, resume: pb.Resume, now_ns: int) -> None:
+        """The connection leaves its fresh session for `target`, which replays what it missed."""
+        self._sessions.pop(current.id, None)
+        target.resume(resume, now_ns)
+
+    def expiry_candidates(self, now_ns: int) -> list[Session]:
+        """Sessions detached longer than the grace period (a shared store decides their fate)."""
+        return [s for s in self._sessions.values() if not s.attached and now_ns - s.detached_ns >= self._grace_ns]
 
     def resume(self, current: Session, resume: pb.Resume, now_ns: int) -> Session:
         """The session the connection holds after `resume`: the resumed one, or `current` (which
@@ -105,12 +143,13 @@ class SessionRegistry:
         if session.is_fresh() or (session.closed and session.live_streams == 0):
             self._sessions.pop(session.id, None)  # nothing to resume
 
-    def expire(self, now_ns: int) -> list[Session]:
-        """Closes and forgets the sessions detached longer than the grace period; returns them
-        with any evicted since the last call. The caller applies their actions (which cancel
-        their upstream requests)."""
-        for session in [s for s in self._sessions.values() if not s.attached and now_ns - s.detached_ns >= self._grace_ns]:
-            self._forget(session, now_ns)
+    def expire(self, now_ns: int, spare: Container[str] = ()) -> list[Session]:
+        """Closes and forgets the sessions detached longer than the grace period (but those in
+        `spare`, which the shared store says live on); returns them with any evicted since the
+        last call. The caller applies their actions (which cancel their upstream requests)."""
+        for session in self.expiry_candidates(now_ns):
+            if session.id not in spare:
+                self._forget(session, now_ns)
         forgotten, self._forgotten = self._forgotten, []
         return forgotten
 

@@ -35,6 +35,11 @@ class ToolSpec:
     parameters_json: str
 
 
+# The user message that asks a model to go on with a partial answer (the assistant message just
+# before it): a continuation after a cut or after a takeover (server/routing/policy.py).
+CONTINUE_PROMPT = "Continue your previous answer exactly where it stops, without repeating any of it."
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     model: str  # the public model name

@@ -53,7 +53,7 @@ from server.core.events import (
 )
 from server.core.request import CacheControl, ChatMessage, ChatRequest
 from server.core.session_limits import SessionLimits
-from server.core.stream import CANCEL, MODIFY, Phase, Stream, TimingSummary, ux_score
+from server.core.stream import CANCEL, MODIFY, TERMINAL, Phase, Stream, TimingSummary, ux_score
 from server.core.validate import to_messages, to_request
 from server.errors import (
     CallerError,
@@ -66,7 +66,7 @@ from server.errors import (
     UnknownStream,
 )
 
-__all__ = ["Action", "CancelUpstream", "Session", "SessionLimits", "StartUpstream", "StreamRecord"]
+__all__ = ["Action", "CancelUpstream", "Changes", "ForwardFrame", "Session", "SessionLimits", "StartUpstream", "StreamRecord"]
 
 FINISH_TO_PROTO: dict[FinishReason, int] = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -113,6 +113,32 @@ class StartUpstream:
     stream_id: str
     request: ChatRequest
     cache: CacheControl = CacheControl()
+    partial: str = ""  # a stream taken over from a server that died: the answer so far, to continue
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardFrame:
+    """A cancel or modify of a stream that another server generates (`server`): the driver
+    hands it to that server through the shared store."""
+
+    stream_id: str
+    server: str
+    frame: pb.ClientFrame
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a session did since the last `take_changes`, for the shared store: streams that
+    started here (with their requests), the frames of each stream generated here, the streams
+    that ended, and conversations whose history changed."""
+
+    started: list[Stream]
+    frames: list[tuple[Stream, list[pb.ServerFrame]]]
+    ended: list[Stream]
+    conversations: dict[str, list[ChatMessage]]
+
+    def __bool__(self) -> bool:
+        return bool(self.started or self.frames or self.ended or self.conversations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +146,7 @@ class CancelUpstream:
     stream_id: str
 
 
-Action = StartUpstream | CancelUpstream
+Action = StartUpstream | CancelUpstream | ForwardFrame
 
 
 class Session:
@@ -167,6 +193,15 @@ class Session:
         self._next_auto_id = 1
         self._abandoned_tokens = 0
         self.tokens_relayed = 0  # content events of every stream, for throughput figures
+        # With a shared store (server/store/): what to write there at the next `take_changes`.
+        # A frame of a stream generated here then goes to the client only once the store has
+        # it (`release`), so a server that dies has never sent a frame that the server taking
+        # over cannot see (while the store is away, the driver releases without waiting).
+        self.persist = False
+        self._unpersisted: dict[Stream, None] = {}  # streams with frames not yet written
+        self._started_new: list[Stream] = []
+        self._ended_new: list[Stream] = []
+        self._conversations_changed: set[str] = set()
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -248,6 +283,9 @@ class Session:
         """Ends the session: cancels every live stream; nothing is resumable afterwards."""
         self.closed = True
         for stream in list(self._streams.values()):
+            if stream.remote:
+                self._actions.append(ForwardFrame(stream.id, stream.remote, pb.ClientFrame(cancel=pb.CancelStream(stream_id=stream.id))))
+                continue
             stream.move(CANCEL)
             self._actions.append(CancelUpstream(stream.id))
             self._finish(stream, FinishReason.CANCELLED, now_ns)
@@ -257,6 +295,8 @@ class Session:
         its upstream is cancelled; nothing is resumable afterwards."""
         self.closed = True
         for stream in list(self._streams.values()):
+            if stream.remote:
+                continue  # its own server ends it
             self._settle(stream.id)
             stream.move(Failed(error))
             self._actions.append(CancelUpstream(stream.id))
@@ -283,6 +323,164 @@ class Session:
         for name, history in self._conversations.items():
             state.conversations.add(name=name, messages=len(history))
         return state
+
+    # -- shared store (server/store/sessions.py) -------------------------------------------------
+
+    def take_changes(self) -> Changes:
+        """What to write to the shared store since the last call. The token frames that are
+        still merging are closed first (a frame is written once, final), so the store holds
+        exactly the frames a client of this server gets, and a resume anywhere lines up."""
+        frames: list[tuple[Stream, list[pb.ServerFrame]]] = []
+        if self._unpersisted:
+            streams, self._unpersisted = self._unpersisted, {}
+            for stream in streams:
+                self._settle(stream.id)
+                new = _frames_after(stream, stream.persisted_seq)
+                if new:
+                    stream.persisted_seq = _seq_of(new[-1])
+                    frames.append((stream, new))
+        changes = Changes(self._started_new, frames, self._ended_new, {c: self._conversations.get(c, []) for c in self._conversations_changed})
+        self._started_new, self._ended_new, self._conversations_changed = [], [], set()
+        return changes
+
+    def demote(self, stream_id: str, last_seq: int) -> None:
+        """Another server took this stream over (this one was thought dead): its frames after
+        `last_seq` were refused by the store and never sent; from now on the stream is
+        followed like any stream another server generates."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        self._settle(stream_id)
+        while stream.replay and _seq_of(stream.replay[-1]) > last_seq:
+            stream.replay.pop()
+        stream.seq = stream.persisted_seq = last_seq
+        stream.remote = "?"  # a cancel asks the store who holds it now
+        self._unpersisted.pop(stream, None)
+
+    def release(self, frames: list[tuple[Stream, list[pb.ServerFrame]]]) -> None:
+        """Frames the store now has (from `take_changes`) go to the attached client, in order;
+        those a replay already handed out are not sent again."""
+        if not self.attached:
+            return
+        for stream, batch in frames:
+            if self._replaying and self._is_replaying(stream):
+                continue  # the replay hands them out
+            sent = stream.sent_seq
+            for frame in batch:
+                seq = _seq_of(frame)
+                if seq > sent:
+                    self._outbox.append(frame)
+                    sent = seq
+            stream.sent_seq = sent
+
+    def restore_conversations(self, conversations: dict[str, list[ChatMessage]]) -> None:
+        """The conversation histories as the store has them (another server may have added to them)."""
+        for name, history in conversations.items():
+            if not any(s.conversation == name and not s.remote for s in self._streams.values()):
+                self._conversations[name] = history
+
+    def follow(
+        self, stream_id: str, server: str, request: ChatRequest, conversation: str, frames: list[pb.ServerFrame], now_ns: int
+    ) -> bool:
+        """Mirrors a stream that `server` generates ("" when it has ended): `frames` are its
+        frames so far as the store has them (from some seq on), later ones come through
+        `receive_remote`. A stream this session generates itself is left alone. Returns whether
+        the stream is still live (to be followed)."""
+        current = self._streams.get(stream_id) or self._ended.get(stream_id)
+        if current is not None and not current.remote:
+            return current.phase not in TERMINAL
+        stream = Stream(stream_id, request, conversation, now_ns, self._limits.max_replay_frames)
+        stream.remote = server
+        stream.phase = Phase.ROUTED
+        self._streams.pop(stream_id, None)
+        self._ended.pop(stream_id, None)
+        self._streams[stream_id] = stream
+        live = True
+        for frame in frames:
+            live = self._mirror(stream, frame, now_ns, emit=False)
+        if live and not server:  # ended, and its last frame is before the client's position
+            stream.phase = Phase.DONE
+            del self._streams[stream_id]
+            self._ended[stream_id] = stream
+            return False
+        return live
+
+    def receive_remote(self, stream_id: str, frame: pb.ServerFrame, now_ns: int) -> bool:
+        """A frame of a followed stream, from the store; returns whether the stream is still
+        followed (a frame already had, or of a stream no longer followed, is ignored)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.remote:
+            return False
+        return self._mirror(stream, frame, now_ns, emit=True)
+
+    def adopt(
+        self, stream_id: str, request: ChatRequest, conversation: str, frames: list[pb.ServerFrame], now_ns: int, may_continue: bool, error: ProxyError
+    ) -> bool:
+        """Takes over a stream whose server died: it goes on here after `frames` (all of its
+        frames, from the store). Nothing answered yet: the request starts again. A text answer
+        begun: it is continued from that text when `may_continue` (a `StartUpstream` with
+        `partial`), otherwise the stream ends with `error` carrying the partial usage (so does
+        an answer with reasoning or tool calls, which cannot be continued). Returns whether
+        the stream goes on."""
+        old = self._streams.pop(stream_id, None) or self._ended.pop(stream_id, None)
+        if old is not None:
+            self._settle(stream_id)
+            self._replaying = deque(r for r in self._replaying if r.stream is not old)
+        stream = Stream(stream_id, request, conversation, now_ns, self._limits.max_replay_frames)
+        self._streams[stream_id] = stream
+        continuable = True
+        for frame in frames:
+            kind = frame.WhichOneof("kind")
+            stream.replay.append(frame)
+            stream.seq = _seq_of(frame)
+            if kind == "started":
+                stream.move(Routed("", "", ""))
+                stream.answered()
+                stream.deployment, stream.provider = frame.started.deployment, frame.started.provider
+            elif kind == "token" or kind == "reasoning" or kind == "tool_call":
+                if kind == "token":
+                    stream.text_parts.append(frame.token.text)
+                else:
+                    continuable = False
+                for _ in range(max(frame.token.count, 1) if kind == "token" else 1):
+                    stream.mark_content(now_ns)
+                stream.phase = Phase.STREAMING
+            elif kind == "restarted":
+                stream.restart(request, now_ns)
+                stream.phase = Phase.PENDING
+                continuable = True
+        stream.persisted_seq = stream.seq
+        if stream.phase is not Phase.STREAMING:
+            self._actions.append(StartUpstream(stream_id, request, CacheControl(skip_read=True, skip_write=True)))
+            return True
+        if continuable and may_continue:
+            partial = "".join(stream.text_parts)
+            self._actions.append(StartUpstream(stream_id, request, CacheControl(skip_read=True, skip_write=True), partial=partial))
+            return True
+        stream.move(Failed(error))
+        self._fail(stream, error, now_ns)
+        return False
+
+    def _mirror(self, stream: Stream, frame: pb.ServerFrame, now_ns: int, emit: bool) -> bool:
+        seq = _seq_of(frame)
+        if seq <= stream.seq:
+            return True
+        kind = frame.WhichOneof("kind")
+        stream.seq = seq
+        if kind == "token":
+            stream.text_parts.append(frame.token.text)
+            stream.phase = Phase.STREAMING
+        elif kind == "restarted":
+            stream.text_parts.clear()
+        if emit:
+            self._emit(stream, frame, now_ns)
+        else:
+            stream.replay.append(frame)
+        if kind == "done" or kind == "error":
+            stream.phase = Phase.DONE if kind == "done" else Phase.FAILED
+            self._end(stream)
+            return False
+        return True
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -430,7 +628,7 @@ class Session:
             while pending and budget:
                 frame = pending.popleft()
                 frames.append(frame)
-                replay.last_seq = _seq_of(frame)
+                replay.last_seq = replay.stream.sent_seq = _seq_of(frame)
                 budget -= 1
             if pending:
                 return
@@ -469,6 +667,9 @@ class Session:
         connection is attached."""
         stream.replay.append(frame)
         stream.last_sent_ns = now_ns
+        if self.persist and not stream.remote:
+            self._unpersisted[stream] = None
+            return  # it goes out once the store has it (`release`)
         if self.attached and not (self._replaying and self._is_replaying(stream)):
             self._outbox.append(frame)
 
@@ -513,7 +714,9 @@ class Session:
             self.reject(stream_id, exc)
             return
         self._ended.pop(stream_id, None)
-        self._streams[stream_id] = Stream(stream_id, request, conversation, now_ns, self._limits.max_replay_frames)
+        stream = self._streams[stream_id] = Stream(stream_id, request, conversation, now_ns, self._limits.max_replay_frames)
+        if self.persist:
+            self._started_new.append(stream)
         control = start.cache
         self._actions.append(StartUpstream(stream_id, request, CacheControl(control.skip_read, control.skip_write, control.ttl_s)))
 
@@ -539,6 +742,9 @@ class Session:
         if stream is None:
             self.reject(stream_id, UnknownStream(f"no running stream {stream_id!r} on this connection"))
             return
+        if stream.remote:  # its server cancels it; the `done` comes back through the store
+            self._actions.append(ForwardFrame(stream_id, stream.remote, pb.ClientFrame(cancel=pb.CancelStream(stream_id=stream_id))))
+            return
         stream.move(CANCEL)
         self._actions.append(CancelUpstream(stream_id))
         self._finish(stream, FinishReason.CANCELLED, now_ns)
@@ -548,6 +754,9 @@ class Session:
         stream = self._streams.get(sid)
         if stream is None:
             self.reject(sid, UnknownStream(f"no running stream {sid!r} to modify"))
+            return
+        if stream.remote:  # its server restarts it; the frames come back through the store
+            self._actions.append(ForwardFrame(sid, stream.remote, pb.ClientFrame(modify=modify)))
             return
         try:
             base = to_messages(modify.messages, self._limits) if modify.messages else list(stream.request.messages)
@@ -588,6 +797,10 @@ class Session:
             answer = stream.answer()
             history = [*stream.request.messages, *([answer] if answer.content or answer.tool_calls else [])]
             self._conversations[stream.conversation] = _trim(history, self._limits.max_history_messages, self._limits.max_history_chars)
+            if self.persist and not stream.remote:
+                self._conversations_changed.add(stream.conversation)
+        if self.persist and not stream.remote:
+            self._ended_new.append(stream)
 
     def _finish(self, stream: Stream, reason: FinishReason, now_ns: int) -> None:
         self._end(stream)
@@ -699,6 +912,17 @@ class _Replay:
 def _seq_of(frame: pb.ServerFrame) -> int:
     kind = frame.WhichOneof("kind")
     return getattr(frame, kind).seq  # type: ignore[no-any-return]
+
+
+def _frames_after(stream: Stream, seq: int) -> list[pb.ServerFrame]:
+    """The frames of the stream's replay buffer after `seq`, walking back from the newest."""
+    out: list[pb.ServerFrame] = []
+    for frame in reversed(stream.replay):
+        if _seq_of(frame) <= seq:
+            break
+        out.append(frame)
+    out.reverse()
+    return out
 
 
 def _usage(stream: Stream) -> tuple[pb.Usage, list[pb.AttemptUsage]]:

@@ -161,6 +161,9 @@ class Stream:
         "replay",
         "text_parts",
         "tool_calls",
+        "persisted_seq",
+        "sent_seq",
+        "remote",
     )
 
     def __init__(self, stream_id: str, request: ChatRequest, conversation: str, now_ns: int, max_replay: int) -> None:
@@ -175,6 +178,9 @@ class Stream:
         self.relay_ns: list[int] = []  # per frame: provider arrival -> handed to the connection
         self.replay: deque[pb.ServerFrame] = deque(maxlen=max_replay)
         self.last_sent_ns = now_ns
+        self.persisted_seq = 0  # the last seq written to the shared store (server/store/)
+        self.sent_seq = 0  # with a shared store: the last seq put into the outbox
+        self.remote = ""  # another server generates this stream (its id): frames arrive from the store
         self._reset(now_ns)
 
     def _reset(self, now_ns: int) -> None:

@@ -17,6 +17,7 @@ long the answer already is.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 from collections.abc import AsyncGenerator, Iterator
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from server.core.events import Finished, FinishReason, ProviderEvent, TextDelta, UsageReport
-from server.core.request import ChatRequest
+from server.core.request import CONTINUE_PROMPT, ChatRequest
 from server.errors import InvalidRequest
 from server.providers.base import DeploymentInfo
 
@@ -111,7 +112,11 @@ class DemoBackend:
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         if request.tools:
             raise InvalidRequest("the demo provider does not support tools")
-        prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        messages = request.messages
+        skip = ""  # a continuation: the answer so far, which this one goes on from
+        if len(messages) >= 2 and messages[-1].content == CONTINUE_PROMPT and messages[-2].role == "assistant":
+            skip, messages = messages[-2].content, messages[:-2]
+        prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
         seed = request.seed if request.seed is not None else self._pace.seed
         rng = random.Random(f"{seed}:{prompt}")
         limit = min(request.max_tokens, self._pace.max_tokens) if request.max_tokens is not None else None
@@ -129,8 +134,11 @@ class DemoBackend:
         # Without max_tokens the answer is the best entry; with it, further entries follow
         # ("\n\n"-separated) until the limit, like a model that keeps writing.
         tokens = iter(entries[0].tokens) if limit is None else _endless(entries)
+        skipped = 0
+        if skip:  # the same answer as the first request's, from where the partial one ends
+            tokens, skipped = _after(tokens, skip)
         for token in tokens:
-            if limit is not None and emitted >= limit:
+            if limit is not None and emitted + skipped >= limit:
                 reason = FinishReason.LENGTH
                 break
             if emitted and interval:
@@ -151,6 +159,22 @@ class DemoBackend:
             emitted += 1
         yield UsageReport(completion_tokens=emitted)
         yield Finished(reason)
+
+
+def _after(tokens: Iterator[str], partial: str) -> tuple[Iterator[str], int]:
+    """`tokens` past those that spell `partial` (and how many they were). A partial answer that
+    is not a prefix of this answer is not skipped: the answer starts over (a real model's
+    continuation need not repeat, the router strips any overlap)."""
+    taken: list[str] = []
+    text = ""
+    for token in tokens:
+        if len(text) >= len(partial):
+            return itertools.chain([token], tokens), len(taken)
+        text += token
+        taken.append(token)
+        if not partial.startswith(text):
+            return itertools.chain(taken, tokens), 0
+    return iter(()), len(taken)
 
 
 def _endless(entries: list[CorpusEntry]) -> Iterator[str]:

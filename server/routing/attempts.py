@@ -257,6 +257,7 @@ class Attempts:
         budget: RetryBudget,
         rng: random.Random,
         now_s: float,
+        partial: str = "",
     ) -> None:
         self.request = request
         self.phase = Phase.IDLE
@@ -275,8 +276,10 @@ class Attempts:
         self._notes: list[Note] = []
         budget.start_request(now_s)
         # content the client has
-        self._partial: list[str] = []  # its text
-        self._delivered = 0  # content events relayed, every attempt
+        # `partial`: an answer another server began (it died; this one took the stream over):
+        # the first attempt already continues it.
+        self._partial: list[str] = [partial] if partial else []  # its text
+        self._delivered = 1 if partial else 0  # content events relayed, every attempt
         self._not_text = 0  # of them, reasoning or tool calls (an answer that cannot continue)
         # the usage of every finished attempt that answered
         self._parts: list[tuple[str, Usage]] = []

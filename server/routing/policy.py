@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from server.catalog import Catalog
-from server.core.request import ChatMessage, ChatRequest
+from server.core.request import CONTINUE_PROMPT, ChatMessage, ChatRequest
 from server.providers.base import Backend
 
 
@@ -296,9 +296,6 @@ class OverlapStripper:
             if held.startswith(self._tail[-k:]):
                 return held[k:]
         return held
-
-
-CONTINUE_PROMPT = "Continue your previous answer exactly where it stops, without repeating any of it."
 
 
 def continuation_request(request: ChatRequest, partial: str) -> ChatRequest:

@@ -179,19 +179,20 @@ class Router:
 
     # -- the stream ------------------------------------------------------------------------------
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
+    async def stream(self, request: ChatRequest, partial: str = "") -> AsyncGenerator[StreamEvent, None]:
         """Yields `Attempt`, `Routed` and the provider events of one answer (see the module
         doc and attempts.py).
 
         Raises `UnknownModel`, the last attempt's `ProxyError`, and `Overloaded` when every
-        deployment's breaker is open. Cancelling the consumer closes the upstream request.
+        deployment's breaker is open. `partial`: the answer so far of a stream taken over from
+        a server that died; every attempt continues it (as after a cut, see attempts.py). Cancelling the consumer closes the upstream request.
         """
         model = request.model
         self._catalog.backends(model)  # raises UnknownModel
         route = self.route(model)
         groups = [model, *(m for m in route.fallbacks if m in self._catalog and m != model)]
         clock = self._clock
-        attempts = Attempts(request, groups, self.route, self._deployments_of, self.budget, self._rng, clock())
+        attempts = Attempts(request, groups, self.route, self._deployments_of, self.budget, self._rng, clock(), partial)
         try:
             while True:
                 step = attempts.next_step(clock())

@@ -180,8 +180,10 @@ class WSClient:
 
     async def _run(self) -> None:
         attempt = 0
+        tries = 0  # connections tried: each try goes to the next URL
         while True:
-            url = self._urls[(self.reconnects + attempt) % len(self._urls)]
+            url = self._urls[tries % len(self._urls)]
+            tries += 1
             try:
                 async with connect(url, compression=None, **self._connect_kwargs) as ws:
                     attempt = 0
