@@ -18,7 +18,7 @@ NODE_DIR := clients/node
 
 PYTHON_MIN := 3.11
 
-.PHONY: check-python install install-test lint-proto lock protos run test test-unit test-integration bench typecheck clean
+.PHONY: check-python install install-test lint-proto lock protos run cluster test test-unit test-integration bench typecheck clean
 
 ## check-python: Python >= 3.11 (pyproject's requires-python), checked before anything is built,
 ## so an older python3 is named at once instead of failing late in the stub generation or pip.
@@ -75,14 +75,19 @@ $(VENV)/.stamp-install: pyproject.toml $(VENV)/.stamp-deps $(GEN)/.stamp-protos
 ## (Chromium, Redis) and npm packages.
 install-test: $(VENV)/.stamp-test $(NPM_DIR)/node_modules/.stamp $(NODE_DIR)/node_modules/.stamp
 
-$(VENV)/.stamp-test: requirements/test.lock $(VENV)/.stamp-install
-	$(PIP) install --quiet --require-hashes -r requirements/test.lock
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Debian packages not yet installed, with apt-get (sudo unless root): $(call apt_install,pkg ...).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+endef
+
+$(VENV)/.stamp-test: requirements/test.lock $(VENV)/.stamp-install
+	$(PIP) install --quiet --require-hashes -r requirements/test.lock
+	$(call apt_install,$(APT_PACKAGES))
 	touch $@
 
 ## lock: regenerate requirements/run.lock and test.lock from pyproject.toml with pip-tools, keeping
@@ -134,6 +139,21 @@ run: install $(RELAY_TOKEN)
 	echo "llmproxy: metrics http://$(METRICS_ADDR)/metrics"; \
 	echo "llmproxy: Ctrl-C stops both"; \
 	wait -n $$srv $$brg; kill -TERM $$srv $$brg 2>/dev/null; wait
+
+## cluster: Redis, then one server and one bridge per core (PROCS=2 to choose) on one machine:
+## servers share gRPC $(GRPC_ADDR) and bridges ws://$(BRIDGE_HOST):$(BRIDGE_PORT) and port $(HTTP_PORT)
+## (SO_REUSEPORT), every bridge relays to every server, sessions in Redis (docs/deploy.md).
+## The launcher is llmproxy_cli/cluster.py (`llmproxy cluster --help`); Ctrl-C stops all.
+PROCS ?= $(shell nproc 2>/dev/null || echo 2)
+CLUSTER_REDIS_PORT ?= 6399
+CLUSTER_RELAY_PORT_BASE ?= 50061
+
+cluster: install $(RELAY_TOKEN)
+	$(call apt_install,redis-server)
+	$(PY) -m llmproxy_cli.cluster --procs $(PROCS) --host $(BRIDGE_HOST) --grpc-port $(lastword $(subst :, ,$(GRPC_ADDR))) \
+	    --relay-port-base $(CLUSTER_RELAY_PORT_BASE) --metrics-port-base $(lastword $(subst :, ,$(METRICS_ADDR))) \
+	    --ws-port $(BRIDGE_PORT) --http-port $(HTTP_PORT) --redis-port $(CLUSTER_REDIS_PORT) \
+	    --relay-token-file $(RELAY_TOKEN) $(foreach o,$(ALLOWED_ORIGINS),--allowed-origin $(o))
 
 ## test: unit and integration tests (the README's test command).
 test: install-test

@@ -126,6 +126,7 @@ def to_markdown(meta: dict[str, Any], results: dict[str, WorkloadResult], idle: 
         "(proxy) and of fake upstream + load client (harness: when its CPU saturates, the harness is the limit).",
         "",
         *([f"Upstream transports compared, one chain each (`ws-<transport>`): {meta['transports']}.", ""] if meta.get("transports") else []),
+        *([f"Processes: {meta['processes']}.", ""] if meta.get("processes") else []),
         "## Streams",
         "",
         "| workload | path | streams x tokens x rounds | failed | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | relay p50 | relay p99 | ms/token | proxy CPU us/token (server + bridge) | harness CPU us/token |",

@@ -9,6 +9,19 @@ The proxy's path to the fake needs the OpenAI adapter (server/providers/openai.p
 file support; when they are missing or do not work, the upstream workloads run direct only and
 say "openai adapter not available".
 
+`--procs N` runs the streaming workloads over what `make cluster` starts (llmproxy_cli/cluster.py):
+a Redis, N servers sharing one gRPC port and N bridges sharing the WebSocket and HTTP ports
+(SO_REUSEPORT), every bridge relaying to every server, every server on `--store redis://`;
+`--redis` does the same with N = 1 (the store's cost alone). CPU per token is then the sum over
+all the proxy's processes (Redis's own CPU is not in it). With more than one process per role
+the proxy is not pinned to one CPU (that would defeat the point); for a fair 1-vs-2 comparison
+on one machine run both unpinned, e.g. issue 14's figures on two cores:
+
+    python -m bench.run --only iii_50,iii_100,iii_150,iii_200,iii_300,iv --no-pin --redis --out bench/results/procs1
+    python -m bench.run --only iii_50,iii_100,iii_150,iii_200,iii_300,iv --procs 2 --out bench/results/procs2
+
+The idle workload (v) always runs on one server and one bridge.
+
 `--profile DIR` also runs py-spy on the server and on the bridge while a workload (A with 50
 streams, or `--profile-workload KEY`) loops over the chain, and writes the raw stacks and a
 summary to DIR.
@@ -24,7 +37,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +50,7 @@ from bench.fake_upstream import Knobs
 from bench.idle import IdleResult, run_idle
 from bench.measure import WorkloadResult, measure
 from bench.report import to_json, to_markdown
-from bench.system import Pinning, Rig, config_file, proxy_config, raise_fd_limit, running_proxy, start_fake
+from bench.system import ClusterProxy, Pinning, Rig, config_file, proxy_config, raise_fd_limit, running_cluster, running_proxy, start_fake
 from bench.workloads import Plan, StreamWorkload, plan
 from tests.support.procs import ROOT, Proc, Proxy
 
@@ -68,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "all alive at once, the upstream workloads over direct and each chain's WebSocket path (ws-<transport>), rounds interleaved",
     )
     parser.add_argument("--no-pin", action="store_true", help="let every process use every CPU (default: proxy on one, harness on the rest)")
+    parser.add_argument("--procs", type=int, default=1, help="servers and bridges (each N) on Redis, as make cluster runs them; implies --no-pin when > 1")
+    parser.add_argument("--redis", action="store_true", help="the servers on --store redis:// (a Redis of the bench's own); implied by --procs > 1")
     return parser.parse_args(argv)
 
 
@@ -96,21 +111,30 @@ def start_chain(
     pinning: Pinning | None,
     server_args: tuple[str, ...] = (),
     transport: str = "",
-) -> tuple[Proxy, str]:
-    """The server (with the fake's config when the adapter exists) and the bridge."""
+    procs: int = 1,
+    redis: bool = False,
+) -> tuple[Proxy | ClusterProxy, str]:
+    """The server (with the fake's config when the adapter exists) and the bridge; with
+    `procs` > 1 or `redis`, a cluster of each on Redis."""
+
+    def running(server_args: tuple[str, ...]) -> AbstractContextManager[Proxy | ClusterProxy]:
+        if procs > 1 or redis:
+            return running_cluster(procs, pinning, server_args, BRIDGE_ARGS)
+        return running_proxy(pinning, server_args, BRIDGE_ARGS)
+
     missing = adapter_missing()
     if not missing:
         models = {w.public_model: w.knobs for w in workloads if w.source == "upstream"}
         models[PROBE_MODEL] = Knobs(tokens=3)
         cfg = stack.enter_context(config_file(proxy_config(fake.port, models, transport)))
         try:
-            return stack.enter_context(running_proxy(pinning, ("--config", str(cfg), *server_args), BRIDGE_ARGS)), ""
+            return stack.enter_context(running(("--config", str(cfg), *server_args))), ""
         except RuntimeError as exc:  # the server refused the config: say why, go on without
             missing = f"{NO_ADAPTER}: server did not start with the config: {str(exc).splitlines()[-1][:200]}"
-    return stack.enter_context(running_proxy(pinning, server_args, BRIDGE_ARGS)), missing
+    return stack.enter_context(running(server_args)), missing
 
 
-def paths_for(workload: StreamWorkload, fake: Proc, proxy: Proxy, channel: grpc.aio.Channel, missing: str) -> tuple[list[ClientPath], str]:
+def paths_for(workload: StreamWorkload, fake: Proc, proxy: Proxy | ClusterProxy, channel: grpc.aio.Channel, missing: str) -> tuple[list[ClientPath], str]:
     ws, rpc = WebSocketPath(proxy.ws_url), GrpcPath(channel)
     if workload.source == "demo":
         return [rpc, ws], ""  # reference first: issue 2 compares the chain with gRPC read directly
@@ -122,7 +146,7 @@ def paths_for(workload: StreamWorkload, fake: Proc, proxy: Proxy, channel: grpc.
     return [direct, ws, rpc], ""
 
 
-async def run_profile(workload: StreamWorkload, paths: list[ClientPath], proxy: Proxy, args: argparse.Namespace) -> str:
+async def run_profile(workload: StreamWorkload, paths: list[ClientPath], proxy: Proxy | ClusterProxy, args: argparse.Namespace) -> str:
     """Loops `workload` over the chain while py-spy samples the server and the bridge."""
     out, seconds, native = args.profile, args.profile_s, args.profile_native
     tokens = args.profile_tokens or workload.tokens
@@ -154,7 +178,7 @@ async def run_transports(
     with ExitStack() as stack:
         fake = start_fake()
         stack.callback(fake.stop)
-        chains: dict[str, Proxy] = {}
+        chains: dict[str, Proxy | ClusterProxy] = {}
         for transport in transports:
             proxy, missing = start_chain(stack, fake, chosen.streams, pinning, tuple(args.server_arg), transport)
             if missing:
@@ -165,7 +189,7 @@ async def run_transports(
             for transport, channel in channels.items():
                 if missing := await probe(channel):
                     return results, f"{missing} (transport {transport})"
-            rigs = {f"ws-{t}": Rig(p.server.popen.pid, p.bridge.popen.pid, fake.popen.pid) for t, p in chains.items()}
+            rigs = {f"ws-{t}": Rig.of(p, fake.popen.pid) for t, p in chains.items()}
             first = next(iter(chains.values()))
             for workload in streams:
                 if workload.source == "demo":  # no upstream: the transport plays no part
@@ -194,8 +218,8 @@ async def run_all(args: argparse.Namespace, chosen: Plan, pinning: Pinning | Non
         with ExitStack() as stack:
             fake = start_fake()
             stack.callback(fake.stop)
-            proxy, missing = start_chain(stack, fake, chosen.streams, pinning, tuple(args.server_arg))
-            rig = Rig(proxy.server.popen.pid, proxy.bridge.popen.pid, fake.popen.pid)
+            proxy, missing = start_chain(stack, fake, chosen.streams, pinning, tuple(args.server_arg), procs=args.procs, redis=args.redis)
+            rig = Rig.of(proxy, fake.popen.pid)
             channel = grpc.aio.insecure_channel(proxy.grpc_target)
             try:
                 if not missing:
@@ -221,7 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     fd_limit = raise_fd_limit()
     chosen = plan(args.smoke, args.idle_sessions, args.rounds)
-    pinning = Pinning.choose(not args.no_pin)
+    if args.procs < 1:
+        raise SystemExit("bench.run: --procs must be at least 1")
+    if args.procs > 1 and args.transports:
+        raise SystemExit("bench.run: --procs and --transports do not go together")
+    pinning = Pinning.choose(not args.no_pin and args.procs == 1)
     if pinning is not None:
         pinning.enter()
     meta: dict[str, Any] = {
@@ -235,6 +263,13 @@ def main(argv: list[str] | None = None) -> None:
             else "none: every process on every CPU"
         ),
     }
+    if args.procs > 1 or args.redis:
+        meta["processes"] = (
+            f"{args.procs} servers sharing one gRPC port and {args.procs} bridges sharing the WebSocket and HTTP ports "
+            "(SO_REUSEPORT), every bridge relaying to every server, --store redis:// (make cluster); proxy CPU = all of them"
+            if args.procs > 1
+            else "1 server and 1 bridge, --store redis:// (bench --redis)"
+        )
     t0 = time.monotonic()
     try:
         import uvloop  # the processes under test run on uvloop; so does the load client

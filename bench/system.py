@@ -13,13 +13,16 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from bench.fake_upstream import READY as FAKE_READY
 from bench.fake_upstream import Knobs, model_name
-from tests.support.procs import Proc, Proxy, start, start_proxy
+from llmproxy_cli.cluster import Plan as ClusterPlan
+from tests.support.procs import Proc, Proxy, relay_token_file, start, start_proxy
+from tests.support.redis import RedisServer
+from tests.support.sockets import free_port_run
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -43,12 +46,19 @@ def rss_kb(pid: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Rig:
-    """The pids whose CPU a workload reads: the proxy's two, and the harness's fake upstream
-    (this process, the load client, is read with `time.process_time`)."""
+    """The pids whose CPU a workload reads: the proxy's (one server and one bridge, or every
+    process of a cluster: `--procs`), and the harness's fake upstream (this process, the load
+    client, is read with `time.process_time`)."""
 
-    server_pid: int
-    bridge_pid: int
+    server_pids: tuple[int, ...]
+    bridge_pids: tuple[int, ...]
     fake_pid: int
+
+    @staticmethod
+    def of(proxy: Proxy | ClusterProxy, fake_pid: int) -> Rig:
+        if isinstance(proxy, ClusterProxy):
+            return Rig(tuple(s.popen.pid for s in proxy.servers), tuple(b.popen.pid for b in proxy.bridges), fake_pid)
+        return Rig((proxy.server.popen.pid,), (proxy.bridge.popen.pid,), fake_pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +70,9 @@ class CpuSnapshot:
 
     @staticmethod
     def of(rig: Rig) -> CpuSnapshot:
-        return CpuSnapshot(cpu_s(rig.server_pid), cpu_s(rig.bridge_pid), cpu_s(rig.fake_pid), time.process_time())
+        return CpuSnapshot(
+            sum(map(cpu_s, rig.server_pids)), sum(map(cpu_s, rig.bridge_pids)), cpu_s(rig.fake_pid), time.process_time()
+        )
 
     def __sub__(self, other: CpuSnapshot) -> CpuSnapshot:
         return CpuSnapshot(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -156,3 +168,88 @@ def config_file(text: str) -> Iterator[Path]:
         path = Path(tmp) / "bench.yaml"
         path.write_text(text, encoding="utf-8")
         yield path
+
+
+@dataclass
+class ClusterProxy:
+    """`--procs N` (N servers and N bridges) or `--redis`: what `make cluster` runs
+    (llmproxy_cli/cluster.py's commands), on free ports. The servers share one gRPC port and
+    the bridges one WebSocket and one HTTP port (SO_REUSEPORT: the load client's connections are
+    spread by the kernel); every bridge relays to every server on its own port; every server has
+    `--store` on a Redis of its own. The same duck type as `Proxy` for the bench's paths."""
+
+    servers: list[Proc]
+    bridges: list[Proc]
+    redis: RedisServer
+    plan: ClusterPlan
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.plan.grpc_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.plan.ws_port}/stream"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.plan.http_port}"
+
+    @property
+    def server(self) -> Proc:  # the first one (py-spy profiles it)
+        return self.servers[0]
+
+    @property
+    def bridge(self) -> Proc:
+        return self.bridges[0]
+
+    def stop(self) -> None:
+        for proc in (*self.bridges, *self.servers):
+            proc.stop()
+        self.redis.close()
+
+
+def _without_option(args: Sequence[str], name: str) -> tuple[str, ...]:
+    """`args` without `name VALUE` (and `name=VALUE`)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return tuple(out)
+
+
+@contextmanager
+def running_cluster(
+    procs: int, pinning: Pinning | None, server_args: Sequence[str] = (), bridge_args: Sequence[str] = ()
+) -> Iterator[ClusterProxy]:
+    """Redis, `procs` servers and `procs` bridges as `make cluster` starts them; stopped after."""
+    ports = {}
+    taken: set[int] = set()
+    for name, n in (("grpc", 1), ("relay", procs), ("metrics", procs), ("ws", 1), ("http", 1)):
+        ports[name] = free_port_run(n, avoid=taken)
+        taken.update(range(ports[name], ports[name] + n))
+    redis = RedisServer().start()
+    run_dir = Path(redis.directory)
+    plan = ClusterPlan(
+        procs=procs, grpc_port=ports["grpc"], relay_port_base=ports["relay"], metrics_port_base=ports["metrics"],
+        ws_port=ports["ws"], http_port=ports["http"], redis_port=redis.port, run_dir=run_dir,
+        relay_token_file=Path(relay_token_file()),
+        # as start_proxy runs them: no request log, and WARNING (the bench reads no log lines)
+        server_args=("--log-level", "WARNING", "--request-log", "", *server_args),
+        bridge_args=("--log-level", "WARNING", *_without_option(bridge_args, "--http-port")),  # the shared one
+    )
+    cluster = ClusterProxy([], [], redis, plan)
+    try:
+        with pinning.proxy_side() if pinning is not None else nullcontext():
+            for i in range(procs):
+                cluster.servers.append(start(f"server-{i}", plan.server_command(i)[2:], "llmproxy-server listening on "))
+            for i in range(procs):
+                cluster.bridges.append(start(f"bridge-{i}", plan.bridge_command(i)[2:], "llmproxy-bridge listening on "))
+        yield cluster
+    finally:
+        cluster.stop()

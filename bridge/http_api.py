@@ -45,7 +45,7 @@ from bridge import anthropic_messages as anth
 from bridge import openai_chat as oai
 from bridge import openai_responses as resp
 from bridge.openai_chat import ApiError
-from bridge.relay import RelayLink
+from bridge.pool import RelayPool
 from bridge.sse_transport import SseTransport
 
 log = logging.getLogger("llmproxy.bridge.http")
@@ -73,6 +73,7 @@ class HttpConfig:
     max_messages: int = 1024
     reattach_timeout_s: float = 10.0  # how long a request waits for the server's first frame
     max_pending_bytes: int = 1 << 20  # unsent output one request may hold before it is cut
+    reuse_port: bool = False  # SO_REUSEPORT, as the WebSocket port (BridgeConfig.reuse_port)
 
 
 class SlowClient(Exception):
@@ -204,11 +205,10 @@ def json_response(obj: object, status: int = 200, headers: dict[str, str] | None
 
 class HttpApi:
     def __init__(
-        self, config: HttpConfig, relay: RelayLink, channel: grpc.aio.Channel, origin_allowed: Callable[[str], bool] = lambda origin: False
+        self, config: HttpConfig, relay: RelayPool, origin_allowed: Callable[[str], bool] = lambda origin: False
     ) -> None:
         self._config = config
         self._relay = relay
-        self._stub = pb_grpc.LLMProxyStub(channel)
         self.sse = SseTransport(
             relay, origin_allowed, credential_of, config.max_body_bytes, config.max_messages, config.max_pending_bytes, config.reattach_timeout_s
         )
@@ -229,7 +229,7 @@ class HttpApi:
     async def start(self, tls: ssl.SSLContext | None = None) -> None:
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self._config.host, self._config.port, ssl_context=tls)
+        site = web.TCPSite(runner, self._config.host, self._config.port, ssl_context=tls, reuse_port=self._config.reuse_port or None)
         await site.start()
         self._runner = runner
         self.port = runner.addresses[0][1]
@@ -282,7 +282,7 @@ class HttpApi:
         key = credential_of(request)
         metadata = (("authorization", f"Bearer {key}"),) if key else None
         try:
-            response: pb.ListModelsResponse = await self._stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
+            response: pb.ListModelsResponse = await pb_grpc.LLMProxyStub(self._relay.channel()).ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
         except grpc.aio.AioRpcError as exc:
             code = _GRPC_CODES.get(exc.code(), pb.ERROR_CODE_UNAVAILABLE)
             raise oai.api_error(code, exc.details() or "the llmproxy server refused") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from bridge.http_api import HttpApi, HttpConfig
+from bridge.pool import parse_targets
 from bridge.secret_file import read_secret
 from bridge.server import Bridge, BridgeConfig
 from bridge.supervisor import Supervisor, run_loop
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None) -> tuple[BridgeConfig, HttpConfig | None]
     parser = argparse.ArgumentParser(prog="llmproxy-bridge", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0: any free port")
-    parser.add_argument("--grpc-target", default="127.0.0.1:50051")
+    parser.add_argument("--grpc-target", default="127.0.0.1:50051", help="the server, or several: host:p1,host:p2 (docs/deploy.md)")
+    parser.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several bridges share --port and --http-port (make cluster)")
     parser.add_argument("--max-frame-bytes", type=int, default=1 << 20)
     parser.add_argument("--ping-interval-s", type=float, default=20.0)
     parser.add_argument("--ping-timeout-s", type=float, default=20.0)
@@ -65,7 +67,12 @@ def parse_args(argv: list[str] | None) -> tuple[BridgeConfig, HttpConfig | None]
             max_messages=args.max_messages,
             reattach_timeout_s=args.reattach_timeout_s,
             max_pending_bytes=args.max_pending_bytes,
+            reuse_port=args.reuse_port,
         )
+    try:
+        parse_targets(args.grpc_target)
+    except ValueError as exc:
+        parser.error(str(exc))
     return BridgeConfig(
         host=args.host,
         port=args.port,
@@ -85,6 +92,7 @@ def parse_args(argv: list[str] | None) -> tuple[BridgeConfig, HttpConfig | None]
         grpc_keepalive_ms=args.grpc_keepalive_ms,
         max_pending_bytes=args.max_pending_bytes,
         reattach_timeout_s=args.reattach_timeout_s,
+        reuse_port=args.reuse_port,
     ), http
 
 
@@ -103,27 +111,40 @@ def channel_options(keepalive_ms: int) -> list[tuple[str, int]]:
     ]
 
 
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    return f"llmproxy-bridge: cannot listen on {host}:{port}: {exc.strerror or exc} (in use? bridges share a port only with --reuse-port)"
+
+
 async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> None:
     options = channel_options(config.grpc_keepalive_ms)
-    if config.grpc_ca:
-        ca = Path(config.grpc_ca).read_bytes()
-        channel = grpc.aio.secure_channel(config.grpc_target, grpc.ssl_channel_credentials(root_certificates=ca), options)
-    else:
-        channel = grpc.aio.insecure_channel(config.grpc_target, options=options)
-    channel.get_state(try_to_connect=True)  # connect now: the first stream should not pay for it
-    bridge = Bridge(config, channel)
-    server = await bridge.start()
+    channels: list[grpc.aio.Channel] = []
+    for target in parse_targets(config.grpc_target):  # one channel and one relay call per server
+        if config.grpc_ca:
+            ca = Path(config.grpc_ca).read_bytes()
+            channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        channel.get_state(try_to_connect=True)  # connect now: the first stream should not pay for it
+        channels.append(channel)
+    bridge = Bridge(config, channels)
+    try:
+        server = await bridge.start()
+    except OSError as exc:
+        raise SystemExit(cannot_listen(config.host, config.port, exc)) from None
     jobs = Supervisor(log)
     jobs.start("relay", bridge.relay.run)
     jobs.start("watchdog", bridge.watchdog)
     http: HttpApi | None = None
     if http_config is not None:
-        http = HttpApi(http_config, bridge.relay, channel, bridge.origin_allowed)
+        http = HttpApi(http_config, bridge.relay, bridge.origin_allowed)
         tls = None
         if config.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(config.tls_cert, config.tls_key)
-        await http.start(tls)
+        try:
+            await http.start(tls)
+        except OSError as exc:
+            raise SystemExit(cannot_listen(http_config.host, http_config.port, exc)) from None
         http_scheme = "https" if config.tls_cert else "http"
         print(f"llmproxy-bridge http on {http_scheme}://{http_config.host}:{http.port}", flush=True)
     port = next(iter(server.sockets)).getsockname()[1]
@@ -141,7 +162,8 @@ async def serve(config: BridgeConfig, http_config: HttpConfig | None = None) -> 
         await http.stop()
     server.close()
     await server.wait_closed()
-    await channel.close()
+    for channel in channels:
+        await channel.close()
     if failed:
         raise SystemExit(f"llmproxy-bridge: {jobs.failure}")
 

@@ -19,13 +19,19 @@ the bridge's watchdog.
 Frames a client sent while the relay was down wait in the batch and go out after the re-opens.
 Frames already written to a call that then failed may be lost with it (a `start` is sent again
 if the server does not know its stream; see `Link.reattached`).
+
+Several servers (bridge/pool.py): a bridge may hold one `RelayLink` per server. Their connection
+numbers then come from one shared counter, so a connection keeps its number when the pool moves
+it, with its queued frames (`release`, `adopt`), from a link whose call failed to one that is up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import grpc
@@ -66,13 +72,17 @@ class RelayLink:
         relay_token: str,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
+        numbers: Iterator[int] | None = None,
+        on_change: Callable[[RelayLink], None] | None = None,
     ) -> None:
+        self.channel = channel
         self._stub = pb_grpc.RelayStub(channel)
         self._metadata = (("authorization", f"Bearer {relay_token}"),)
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._links: dict[int, Link] = {}
-        self._next_conn = 1
+        self._numbers = numbers if numbers is not None else itertools.count(1)  # shared in a pool
+        self._on_change = on_change  # told when the call comes up and when it ends (bridge/pool.py)
         self._batch = pb.RelayUp()
         self._batch_bytes = 0  # client frames' sizes in the current batch
         self._full: list[pb.RelayUp] = []  # batches closed at MAX_BATCH_BYTES, oldest first
@@ -89,8 +99,7 @@ class RelayLink:
 
     def open(self, link: Link, open_: pb.RelayOpen) -> int:
         """Registers a client connection; returns its number."""
-        conn = self._next_conn
-        self._next_conn += 1
+        conn = next(self._numbers)
         self._links[conn] = link
         if self._open:
             self._batch.entries.add(conn=conn, open=open_)
@@ -118,6 +127,38 @@ class RelayLink:
     def forget(self, conn: int) -> None:
         """Drops a link without telling the server (it ended the connection itself)."""
         self._links.pop(conn, None)
+
+    # -- moving connections between links (bridge/pool.py) -----------------------------------------
+
+    @property
+    def calling(self) -> bool:
+        """A call is open (up, or waiting for the server's answer): its links are being re-opened."""
+        return self._open
+
+    def release(self) -> list[tuple[int, Link, list[pb.ClientFrame]]]:
+        """Gives up every connection, each with the client frames queued for it, oldest first.
+        Only between calls (`calling` is False): nothing of theirs is in flight then."""
+        assert not self._open, "release only between calls"
+        queued: dict[int, list[pb.ClientFrame]] = {conn: [] for conn in self._links}
+        for batch in [*self._full, self._batch]:
+            for entry in batch.entries:
+                if entry.WhichOneof("kind") == "frame" and entry.conn in queued:
+                    queued[entry.conn].append(entry.frame)
+        released = [(conn, link, queued[conn]) for conn, link in self._links.items()]
+        self._links = {}
+        self._full, self._batch, self._batch_bytes = [], pb.RelayUp(), 0
+        return released
+
+    def adopt(self, conn: int, link: Link, frames: list[pb.ClientFrame]) -> None:
+        """Takes over a connection `release`d by another link: it is opened again (resuming its
+        session) on this link's call, then its queued frames follow."""
+        self._links[conn] = link
+        if self._open:
+            self._batch.entries.add(conn=conn, open=link.reopen())
+            self._wake.set()
+        # else: `_begin` opens it with the others once a call is up
+        for frame in frames:
+            self.send(conn, frame)
 
     # -- the call --------------------------------------------------------------------------------
 
@@ -172,6 +213,8 @@ class RelayLink:
         self._open = self.up = False
         for link in list(self._links.values()):
             link.relay_lost()
+        if self._on_change is not None:
+            self._on_change(self)
 
     async def _write_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         wake = self._wake
@@ -194,6 +237,8 @@ class RelayLink:
             if not self.up:  # the server's first message (empty): it accepted the call
                 self.up = True
                 self.opened.set()
+                if self._on_change is not None:
+                    self._on_change(self)
             touched: dict[Link, None] = {}
             for entry in batch.entries:
                 link = links.get(entry.conn)

@@ -1,6 +1,7 @@
-"""The WebSocket bridge: browser JSON frames in, one batched relay call to the server out.
+"""The WebSocket bridge: browser JSON frames in, one batched relay call per server out.
 
-Every WebSocket is a `WSLink` carried by the bridge's one `Relay` call (bridge/relay.py). Its
+Every WebSocket is a `WSLink` carried by one of the bridge's `Relay` calls (bridge/relay.py; one
+per server, bridge/pool.py, which also moves it to another server when its server goes away). Its
 reader decodes each text frame with the codec and queues the proto on the relay (a bad frame is
 answered with an error frame and the connection goes on). Frames from the server arrive in the
 relay's shared batches and go straight to the socket while it takes them; a socket whose send
@@ -23,8 +24,8 @@ never `null`. Every refused handshake is logged with the origin and the flag tha
 `/stats` is a second WebSocket endpoint: one `WatchStats` subscription per connection, each
 snapshot sent as one JSON frame (the dashboard's feed; no keys, no prompt text).
 
-Plain HTTP on the same port: `/healthz` (the process serves), `/readyz` (its relay to the server
-is open: 503 otherwise, for load balancers), the demo chat page at `/`, its static files, and the
+Plain HTTP on the same port: `/healthz` (the process serves), `/readyz` (a relay to a server is
+open: 503 otherwise, for load balancers), the demo chat page at `/`, its static files, and the
 JavaScript client under `/js/`. Every other path gets the same 404.
 """
 
@@ -60,7 +61,7 @@ from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame, encode_token
 from bridge.headers import one_header
 from bridge.outbox import Outbox
-from bridge.relay import RelayLink
+from bridge.pool import RelayPool
 
 log = logging.getLogger("llmproxy.bridge")
 
@@ -103,6 +104,10 @@ class BridgeConfig:
     tls_key: str = ""
     grpc_ca: str = ""  # PEM CA bundle: talk gRPC over TLS to the server, trusting these roots
     grpc_keepalive_ms: int = 30_000  # keepalive ping interval on the channel to the server
+    # SO_REUSEPORT: several bridges on one machine share the port and the kernel spreads the
+    # connections over them (make cluster). Off by default: a second bridge started by mistake
+    # on the same port fails to bind instead of silently taking half the connections.
+    reuse_port: bool = False
 
 
 SUBPROTOCOL = Subprotocol("llmproxy")
@@ -262,7 +267,7 @@ class WSLink:
         "waiting_since", "blocked_since", "_relay", "_drainer", "_asked", "_ending", "_max_pending", "_ready",
     )
 
-    def __init__(self, ws: ServerConnection, relay: RelayLink, opening: pb.RelayOpen, max_pending: int) -> None:
+    def __init__(self, ws: ServerConnection, relay: RelayPool, opening: pb.RelayOpen, max_pending: int) -> None:
         self.ws = ws
         self._relay = relay
         self.opening = opening  # credential, origin and peer, for every (re-)open
@@ -460,10 +465,9 @@ class WSLink:
 
 
 class Bridge:
-    def __init__(self, config: BridgeConfig, channel: grpc.aio.Channel) -> None:
+    def __init__(self, config: BridgeConfig, channels: Sequence[grpc.aio.Channel]) -> None:
         self._config = config
-        self._stub = pb_grpc.LLMProxyStub(channel)
-        self.relay = RelayLink(channel, config.relay_token)
+        self.relay = RelayPool(channels, config.relay_token)  # one relay call per server (bridge/pool.py)
         self._static = StaticFiles(config.static_dirs)
         self._origins: frozenset[str] = frozenset(config.allowed_origins)
         self._links: set[WSLink] = set()
@@ -494,7 +498,7 @@ class Bridge:
         """Whether the server needs client keys: ListModels without one is refused if so."""
         calls = self.relay.calls_opened
         try:
-            await self._stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            await pb_grpc.LLMProxyStub(self.relay.channel()).ListModels(pb.ListModelsRequest(), timeout=5)
             self.keys_required = False
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -537,6 +541,7 @@ class Bridge:
             ping_timeout=self._config.ping_timeout_s,
             close_timeout=self._config.ping_timeout_s,
             server_header="llmproxy",
+            reuse_port=self._config.reuse_port,  # passed on to loop.create_server
         )
         port = next(iter(server.sockets)).getsockname()[1]
         self.allow_own_origin(port)
@@ -570,11 +575,11 @@ class Bridge:
             response.headers["Allow"] = "GET, HEAD"
         elif path == "/healthz":  # liveness: the process serves
             response = _response(http.HTTPStatus.OK, b"ok\n", text)
-        elif path == "/readyz":  # readiness: the relay to the server is open (load balancers)
+        elif path == "/readyz":  # readiness: a relay to a server is open (load balancers)
             if self.relay.up:
                 response = _response(http.HTTPStatus.OK, b"ready\n", text)
             else:
-                response = _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"the relay to the server is not open\n", text)
+                response = _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"no relay to a server is open\n", text)
         elif (found := self._static.get(path)) is not None:
             response = _response(http.HTTPStatus.OK, *found)
         else:
@@ -627,7 +632,7 @@ class Bridge:
 
     async def _stats(self, ws: ServerConnection, metadata: tuple[tuple[str, str], ...] | None) -> None:
         """Relays live snapshots until either side goes away."""
-        call = self._stub.WatchStats(pb.WatchStatsRequest(interval_ms=1000), metadata=metadata)
+        call = pb_grpc.LLMProxyStub(self.relay.channel()).WatchStats(pb.WatchStatsRequest(interval_ms=1000), metadata=metadata)
         try:
             async for snapshot in call:
                 data = json_format.MessageToDict(

@@ -42,7 +42,7 @@ from llmproxy.v1 import llmproxy_pb2 as pb
 from bridge.headers import one_header
 from bridge.codec import FrameError, decode_client_frame, encode_error, encode_server_frame
 from bridge.openai_chat import ApiError
-from bridge.relay import RelayLink
+from bridge.pool import RelayPool
 
 log = logging.getLogger("llmproxy.bridge.sse")
 
@@ -152,7 +152,7 @@ class SseTransport:
 
     def __init__(
         self,
-        relay: RelayLink,
+        relay: RelayPool,
         origin_allowed: Callable[[str], bool],
         credential_of: Callable[[web.Request], str],
         max_frame_bytes: int,

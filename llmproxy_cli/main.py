@@ -23,6 +23,7 @@ COMMANDS = {
     "bridge": Command("bridge.main", "run the WebSocket bridge (python -m bridge.main)"),
     "keys": Command("server.auth.cli", "create, list and revoke API keys (python -m server.auth.cli)"),
     "stats": Command("server.analytics.cli", "the request log's aggregates as a table (python -m server.analytics.cli)"),
+    "cluster": Command("llmproxy_cli.cluster", "Redis, a server and a bridge per core on one machine (make cluster, docs/deploy.md)"),
     "chat": Command("llmproxy_client.chat", "a terminal client: streams answers with per-token timing; Ctrl-C stops one"),
 }
 

@@ -66,11 +66,17 @@ class Options:
     otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint (server/tracing.py); empty: no tracing
     store: str = "memory"  # memory, or a redis:// URL shared by several servers (server/store/)
     server_id: str = ""  # this process's name in the cluster; empty: host-pid-random
+    also_listen: tuple[str, ...] = ()  # more host:port to serve on (make cluster: a port of its own)
+    reuse_port: bool = False  # SO_REUSEPORT: several servers share --listen (make cluster)
 
 
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="llmproxy-server", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port for gRPC (port 0: any free)")
+    parser.add_argument("--also-listen", action="append", default=[], help="another host:port to serve on (repeatable)")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT: several servers share --listen and the kernel spreads connections"
+    )
     parser.add_argument("--config", default=None, help="deployment config file (YAML)")
     parser.add_argument("--demo-ttft-ms", type=float, default=250.0, help="demo time to first token")
     parser.add_argument("--demo-tokens-per-s", type=float, default=40.0, help="demo pace; 0 = unpaced")
@@ -149,10 +155,12 @@ def parse_args(argv: list[str] | None) -> Options:
         otlp_endpoint=args.otlp_endpoint,
         store=args.store,
         server_id=args.server_id,
+        also_listen=tuple(args.also_listen),
+        reuse_port=args.reuse_port,
     )
 
 
-def server_options(min_ping_interval_ms: int) -> list[tuple[str, int]]:
+def server_options(min_ping_interval_ms: int, reuse_port: bool = False) -> list[tuple[str, int]]:
     """grpc.aio server options. gRPC ignores names it does not know, silently: each name here is
     one of gRPC core's channel arguments (grpc_types.h), and tests/unit/test_grpc_options.py
     checks them against the names the installed library defines."""
@@ -169,6 +177,10 @@ def server_options(min_ping_interval_ms: int) -> list[tuple[str, int]]:
         # A connection that has not completed its HTTP/2 preface (and TLS) by then is closed
         # (the default held silent connections for about a minute).
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        # gRPC sets SO_REUSEPORT on its listeners unless told not to: a second server started by
+        # mistake on the same port would bind and silently take half the connections. Only
+        # --reuse-port (make cluster) shares a port.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
@@ -186,7 +198,7 @@ def is_loopback(listen: str) -> bool:
 def check_exposure(options: Options) -> None:
     """Without keys the proxy serves only loopback: refuses any other address unless the
     operator said --insecure-no-auth (docs/security.md)."""
-    if options.auth_db or is_loopback(options.config.listen):
+    if options.auth_db or all(is_loopback(a) for a in (options.config.listen, *options.also_listen)):
         return
     if not options.insecure_no_auth:
         raise SystemExit(
@@ -210,7 +222,7 @@ async def serve(options: Options) -> None:
     catalog = build_catalog(config)
     router = Router(catalog, rng=None if options.routing_seed is None else random.Random(options.routing_seed))
     relay_token = read_secret(options.relay_token_file, "llmproxy-server") if options.relay_token_file else ""
-    server = grpc.aio.server(options=server_options(options.min_ping_interval_ms))
+    server = grpc.aio.server(options=server_options(options.min_ping_interval_ms, options.reuse_port))
     metrics = Metrics()
     metrics.watch_routing(router)  # issue 19: routing counters and breaker states in /metrics
     request_log = RequestLog(options.request_log, options.request_log_retention_s) if options.request_log else None
@@ -239,14 +251,20 @@ async def serve(options: Options) -> None:
     reflection.enable_server_reflection(
         (SERVICE_NAME, RELAY_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    if options.tls_cert:
-        with open(options.tls_key, "rb") as kf, open(options.tls_cert, "rb") as cf:
-            credentials = grpc.ssl_server_credentials([(kf.read(), cf.read())])
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise SystemExit(f"llmproxy-server: cannot listen on {config.listen}")
+    addresses = (config.listen, *options.also_listen)
+    try:
+        if options.tls_cert:
+            with open(options.tls_key, "rb") as kf, open(options.tls_cert, "rb") as cf:
+                credentials = grpc.ssl_server_credentials([(kf.read(), cf.read())])
+            port, *also = [server.add_secure_port(a, credentials) for a in addresses]
+        else:
+            port, *also = [server.add_insecure_port(a) for a in addresses]
+    except RuntimeError:  # grpc's "Failed to bind": the port is taken
+        port, also = 0, []
+    if port == 0 or 0 in also:
+        raise SystemExit(
+            f"llmproxy-server: cannot listen on {' '.join(addresses)} (in use? servers share a port only with --reuse-port)"
+        )
     await server.start()
     health_names = ("", SERVICE_NAME, RELAY_SERVICE_NAME)
     for name in health_names:
@@ -260,6 +278,8 @@ async def serve(options: Options) -> None:
     store.on_health(store_health)
     host = config.listen.rsplit(":", 1)[0]
     print(f"llmproxy-server listening on {host}:{port}", flush=True)
+    for address, extra_port in zip(options.also_listen, also):
+        print(f"llmproxy-server also listening on {address.rsplit(':', 1)[0]}:{extra_port}", flush=True)
     log.info("serving models: %s", ", ".join(catalog.names()))
     if key_store is not None:
         log.info("authentication on: %d active API keys", sum(not r.revoked for r in key_store.list()))

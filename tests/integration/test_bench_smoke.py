@@ -123,3 +123,26 @@ def test_bench_compares_upstream_transports_side_by_side(tmp_path: Path) -> None
         for name, path in workload["paths"].items():
             assert path["failed"] == 0, (key, name, path["errors"])
             assert path["tokens"] == workload["streams"] * workload["tokens_per_stream"] * workload["rounds"], (key, name)
+
+
+@pytest.mark.timeout(90)
+def test_bench_runs_over_two_servers_and_two_bridges_on_redis(tmp_path: Path) -> None:
+    # `--procs 2`: what make cluster runs (issue 14's 1-vs-2 processes per role); every path works
+    # through the shared ports and the proxy's CPU is counted over all four processes.
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--only", "iii_50,iv", "--procs", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["meta"]["processes"].startswith("2 servers")
+    assert "Processes: 2 servers" in (tmp_path / "smoke.md").read_text()
+    assert set(result["workloads"]) == {"iii_50", "iv"}
+    for key, workload in result["workloads"].items():
+        assert set(workload["paths"]) == {"direct", "ws", "grpc", "chat"}, key
+        for name, path in workload["paths"].items():
+            assert path["failed"] == 0, (key, name, path["errors"])
+            assert path["tokens"] == workload["streams"] * workload["tokens_per_stream"] * workload["rounds"], (key, name)

@@ -37,7 +37,7 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MAKE or "make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
-@pytest.mark.parametrize("target", ["check-python", "install", "run", "install-test", "test"])
+@pytest.mark.parametrize("target", ["check-python", "install", "run", "cluster", "install-test", "test"])
 def test_an_older_python_is_refused_first_with_what_is_needed(tmp_path, target):
     venv = tmp_path / "venv"
     out = make(target, f"PYTHON={fake_python(tmp_path, '3.9')}", f"VENV={venv}")

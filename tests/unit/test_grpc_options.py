@@ -21,8 +21,15 @@ def known_names() -> set[str]:
 def test_every_option_name_is_one_grpc_defines():
     known = known_names()
     assert "grpc.keepalive_time_ms" in known  # the scan itself works
-    for name, _ in [*server_options(10_000), *channel_options(30_000)]:
+    for name, _ in [*server_options(10_000), *server_options(10_000, reuse_port=True), *channel_options(30_000)]:
         assert name in known, f"{name} is not a gRPC option: gRPC would ignore it"
+
+
+def test_so_reuseport_is_set_both_ways():
+    """gRPC turns SO_REUSEPORT on by default: the server says 0 unless --reuse-port."""
+    assert "grpc.so_reuseport" in known_names()
+    assert dict(server_options(10_000))["grpc.so_reuseport"] == 0
+    assert dict(server_options(10_000, reuse_port=True))["grpc.so_reuseport"] == 1
 
 
 def test_the_old_misspelt_name_would_have_been_caught():
