@@ -95,6 +95,9 @@ class RedisStore(Store):
 
     def __init__(self, url: str, server_id: str = "") -> None:
         super().__init__(server_id)
+        # hiredis: redis-py parses replies with it when it is importable (several times less CPU
+        # per reply than its Python parser); imported here so a broken install fails at start.
+        import hiredis  # noqa: F401
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
