@@ -177,6 +177,9 @@ bench: install-test
 	$(PY) -m bench.floor | tee bench/results/floor.txt
 	@echo "== the response cache: first token of a live answer, an exact hit and a semantic hit; lookup cost =="
 	$(PY) -m bench.cache_hit --rounds 20 | tee bench/results/cache.txt
+	@echo "== many processes (issue 14): (iii) and (iv) with 1 server + 1 bridge on Redis, then 2 + 2 (make cluster's layout), unpinned =="
+	$(PY) -m bench.run --only iii_50,iii_100,iii_150,iii_200,iii_300,iv --no-pin --redis --out bench/results/procs1
+	$(PY) -m bench.run --only iii_50,iii_100,iii_150,iii_200,iii_300,iv --procs 2 --out bench/results/procs2
 	@echo "== the store: (iii) 50 streams with the memory store and with Redis, in turn (proxy CPU per token, relay latency, redis-server CPU) =="
 	$(PY) -m bench.store --pairs 3 | tee bench/results/store.txt
 
