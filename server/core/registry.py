@@ -121,12 +121,7 @@ class SessionRegistry:
     def resume(self, current: Session, resume: pb.Resume, now_ns: int) -> Session:
         """The session the connection holds after `resume`: the resumed one, or `current` (which
         then has an error frame queued)."""
-        if not current.is_fresh():
-            current.reject("", InvalidRequest("resume must come before any stream on a connection"))
-            return current
-        refused = _check_streams(resume, current.resume_limit(), self._limits.max_stream_id_chars)
-        if refused is not None:
-            current.reject("", refused)
+        if not self.check_resume(current, resume):
             return current
         target = self.get(resume.session_id, resume.resume_token)
         # Another key's session is refused exactly like an unknown one (same error, same text).

@@ -13,36 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmproxy_client import Backoff, WSClient
+from llmproxy_client import WSClient
+from tests.support.drops import FAST_BACKOFF, PROMPTS, consume, expected_texts, messages, until, wait_tokens
 from tests.support.procs import Proc, start_bridge, start_server
 from tests.support.redis import RedisServer
 
-PROMPTS = ["Explain quantum computing", "How does photosynthesis work?", "What is a black hole?"]
-FAST_BACKOFF = Backoff(base_s=0.05, factor=1.6, jitter=0.2, cap_s=0.5)
 PACE = ("--demo-ttft-ms", "20", "--demo-tokens-per-s", "200", "--demo-jitter", "0.2", "--resume-grace-s", "10")
-
-
-def messages(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
-async def consume(handle, counts: dict, out: dict) -> None:
-    parts = []
-    async for t in handle:
-        parts.append(t)
-        counts[handle.id] = counts.get(handle.id, 0) + 1
-    out[handle.id] = "".join(parts)
-
-
-async def wait_tokens(counts: dict, at_least: int) -> None:
-    while min(counts.values()) < at_least:
-        await asyncio.sleep(0.002)
-
-
-async def expected_texts(url: str, max_tokens: int) -> list[str]:
-    async with WSClient(url, reconnect=False) as client:
-        handles = [client.stream(model="demo", messages=messages(p), seed=11, max_tokens=max_tokens) for p in PROMPTS]
-        return ["".join([t async for t in h]) for h in handles]
 
 
 def stop_all(*procs: Proc) -> None:
@@ -150,11 +126,6 @@ async def test_a_server_killed_under_live_streams_is_taken_over(redis_server: Re
                 assert not any(f["type"] == "done" for f in frames)
     finally:
         stop_all(a, b, s1, s2)
-
-
-async def until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.005)
 
 
 def health_status(target: str) -> int:

@@ -17,40 +17,8 @@ from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from llmproxy_client import Backoff, LLMProxyError, WSClient
 from tests.support.procs import ROOT, start_bridge, start_server
+from tests.support.drops import FAST_BACKOFF, PROMPTS, consume, expected_texts, messages, until, wait_tokens
 from tests.support.ws import open_ws, recv, send, start_frame
-
-PROMPTS = ["Explain quantum computing", "How does photosynthesis work?", "What is a black hole?"]
-FAST_BACKOFF = Backoff(base_s=0.05, factor=1.6, jitter=0.2, cap_s=0.5)
-
-
-def messages(prompt):
-    return [{"role": "user", "content": prompt}]
-
-
-async def expected_texts(url: str, max_tokens: int) -> list[str]:
-    async with WSClient(url, reconnect=False) as client:
-        handles = [client.stream(model="demo", messages=messages(p), seed=11, max_tokens=max_tokens) for p in PROMPTS]
-        return [("".join([t async for t in h])) for h in handles]
-
-
-async def until(condition) -> None:
-    """Polls `condition()` until it holds (the caller bounds it with asyncio.wait_for)."""
-    while not condition():
-        await asyncio.sleep(0.005)
-
-
-async def wait_tokens(handles, counts: dict, at_least: int) -> None:
-    while min(counts.values()) < at_least:
-        await asyncio.sleep(0.005)
-
-
-async def consume(handle, counts: dict, out: dict) -> None:
-    parts = []
-    async for t in handle:
-        parts.append(t)
-        counts[handle.id] = counts.get(handle.id, 0) + 1
-    out[handle.id] = "".join(parts)
-
 
 @pytest.fixture
 def server():
@@ -69,7 +37,7 @@ async def test_python_client_resumes_after_the_bridge_is_killed(server):
             handles = [client.stream(model="demo", messages=messages(p), seed=11, max_tokens=150) for p in PROMPTS]
             counts, out = {h.id: 0 for h in handles}, {}
             readers = [asyncio.create_task(consume(h, counts, out)) for h in handles]
-            await asyncio.wait_for(wait_tokens(handles, counts, 30), 10)
+            await asyncio.wait_for(wait_tokens(counts, 30), 10)
             bridge.kill()  # SIGKILL: no close frames, no cleanup
             # The bridge comes back once the client has seen it gone and tried again (and failed).
             await asyncio.wait_for(until(lambda: client.reconnects >= 1), 10)
@@ -93,7 +61,7 @@ async def test_one_hundred_drops_through_two_bridges_lose_and_repeat_nothing(ser
                 handles = [client.stream(model="demo", messages=messages(p), seed=11, max_tokens=40) for p in PROMPTS]
                 counts, out = {h.id: 0 for h in handles}, {}
                 readers = [asyncio.create_task(consume(h, counts, out)) for h in handles]
-                await asyncio.wait_for(wait_tokens(handles, counts, 1 + run % 20), 10)
+                await asyncio.wait_for(wait_tokens(counts, 1 + run % 20), 10)
                 client.drop_connection()
                 await asyncio.wait_for(asyncio.gather(*readers), 20)
                 resumed_elsewhere += client.reconnects >= 1
