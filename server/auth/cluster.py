@@ -350,5 +350,26 @@ class ClusterKeys:
         return {_text(k): v == b"1" for k, v in raw.items()}
 
 
+def revoke_in_redis(url: str, key_id: str, cancel_streams: bool) -> None:
+    """Writes one revocation straight to Redis, as `mirror_revocations` would (the key CLI's
+    `revoke --store redis://...`: every server refuses the key within one poll, whatever key
+    file it reads). Raises `redis.RedisError` when Redis does not answer."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        flag = b"1" if cancel_streams else b"0"
+        with client.pipeline(transaction=False) as pipe:
+            if not cancel_streams:  # never lowers a cancel another server wrote
+                pipe.set(api_key_key(key_id, "revoked"), flag, nx=True)
+                pipe.hsetnx(cluster_key("revoked"), key_id, flag)
+            else:
+                pipe.set(api_key_key(key_id, "revoked"), flag)
+                pipe.hset(cluster_key("revoked"), key_id, flag)
+            pipe.execute()
+    finally:
+        client.close()
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -307,3 +307,45 @@ async def test_a_start_while_redis_is_unreachable_is_refused_unavailable(redis_s
                 await asyncio.sleep(0.2)
         finally:
             await conn.close()
+
+
+# -- the key CLI writes a revocation straight to Redis -----------------------------------------
+
+
+async def test_the_cli_revokes_in_redis_for_servers_whose_files_lack_it(redis_server, tmp_path):
+    key, key_id, dbs = make_key(tmp_path, 3, KeyLimits())
+    with servers(redis_server.url, dbs[:2], *QUICK) as procs:  # the third copy is the operator's
+        assert all([await refused_connection(p.address, key) is None for p in procs])
+        out = subprocess.run(
+            [sys.executable, "-m", "server.auth.cli", "revoke", "--db", dbs[2], key_id, "--store", redis_server.url],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )
+        revoked_at = time.monotonic()
+        assert out.returncode == 0, out.stderr
+        for p in procs:
+            while (code := await refused_connection(p.address, key)) is None:
+                assert time.monotonic() - revoked_at < 1.0, "not refused within 1 s"
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- connections over servers ---------------------------------------------------------------------
+
+
+async def test_open_connections_count_over_servers(redis_server, tmp_path):
+    key, _, dbs = make_key(tmp_path, 2, KeyLimits(connections=1))
+    with servers(redis_server.url, dbs, *QUICK) as (one, two):
+        held = GrpcConn(one.address, key)
+        try:
+            await held.start("s", 1)
+            assert (await held.end_of("s"))[0] == "done"
+            # server one publishes its connection at its next sync (0.5 s): then two refuses
+            deadline = time.monotonic() + 5
+            while (code := await refused_connection(two.address, key)) is None:
+                assert time.monotonic() < deadline, "server two never counted server one's connection"
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await held.close()
+        deadline = time.monotonic() + 5  # closed: withdrawn at server one's next sync
+        while await refused_connection(two.address, key) is not None:
+            assert time.monotonic() < deadline, "a closed connection still counts"
+            await asyncio.sleep(0.1)
