@@ -51,6 +51,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from server.auth.limits import KeyLimits
 from server.errors import KeyRateLimited, ProxyError, QuotaExceeded, StoreUnavailable, TooManyStreams, Unauthenticated
 from server.store.base import api_key_key, cluster_key
@@ -197,6 +201,15 @@ return others(KEYS[2], me)
 )
 
 
+def unavailable(exc: Exception) -> StoreUnavailable:
+    """Every failure of a command is "no answer" to the client (retryable `unavailable`), so a
+    Redis that refuses writes (OOM, a read-only replica) fails closed like one that is down. Those
+    refusals, and any error of our scripts, are logged: they need an operator or a fix."""
+    if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError)):
+        log.error("the store refused a key counter command: %s", exc, exc_info=exc)
+    return StoreUnavailable(UNAVAILABLE_MESSAGE)
+
+
 def admit_keys(key_id: str) -> list[str]:
     return [api_key_key(key_id, part) for part in ("revoked", "requests", "tokens", "budget", "live", "conns", "servers")]
 
@@ -277,8 +290,8 @@ class ClusterKeys:
         )
         try:
             verdict, retry_ms = await asyncio.wait_for(self._admit(keys=admit_keys(key_id), args=args), ADMIT_TIMEOUT_S)
-        except Exception as exc:  # redis.RedisError, OSError, TimeoutError: all mean "no answer"
-            raise StoreUnavailable(UNAVAILABLE_MESSAGE) from exc
+        except Exception as exc:
+            raise unavailable(exc) from exc
         if limits.concurrency and verdict == b"ok":
             self._published.add(key_id)
         return refusal(verdict.decode(), int(retry_ms), limits)
@@ -296,26 +309,27 @@ class ClusterKeys:
 
     async def sync(self, activity: Mapping[str, KeyActivity]) -> None:
         """Sends the pending charges and publishes this server's live streams and connections
-        of every key in `activity` (keys with a stream or connection limit), in one pipeline.
-        Raises `StoreUnavailable`; the charges are then kept for the next sync."""
+        of every key in `activity` (keys with a stream or connection limit), in one pipeline
+        (one round trip: EVALSHA of scripts loaded before, loaded again if Redis lost them).
+        Raises `StoreUnavailable`; the charges are then kept for the next sync.
+
+        Admissions still waiting for Redis count as live: the sync must not publish fewer
+        streams than one of them is about to."""
         charges, self._charges = self._charges, {}
         keys = [k for k, a in activity.items() if a.live_streams or a.connections or k in self._published]
         if not charges and not keys:
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key_id, (tokens, limits) in charges.items():
-                    args = (tokens, f"{self.server_id}:{next(self._serial)}", int(bool(limits.tpm)), limits.budget_period_s if limits.budget_tokens else 0)
-                    await self._charge(keys=[api_key_key(key_id, "tokens"), api_key_key(key_id, "budget")], args=args, client=pipe)
-                for key_id in keys:
-                    a = activity.get(key_id, KeyActivity(0, 0))
-                    sync_keys = [api_key_key(key_id, part) for part in ("live", "conns", "servers")]
-                    await self._sync(keys=sync_keys, args=(self.server_id, a.live_streams, a.connections, self._lease_ms), client=pipe)
-                results = await asyncio.wait_for(pipe.execute(), ADMIT_TIMEOUT_S)
+            try:
+                results = await self._send(charges, keys, activity)
+            except NoScriptError:  # Redis restarted empty or was flushed; nothing ran
+                for script in (self._charge, self._sync):
+                    await self._redis.script_load(script.script)
+                results = await self._send(charges, keys, activity)
         except Exception as exc:
             for key_id, (tokens, limits) in charges.items():  # not lost: sent with the next sync
                 self.charge(key_id, tokens, limits)
-            raise StoreUnavailable(UNAVAILABLE_MESSAGE) from exc
+            raise unavailable(exc) from exc
         for key_id, others in zip(keys, results[len(charges) :]):
             self._other_connections[key_id] = int(others)
             a = activity.get(key_id, KeyActivity(0, 0))
@@ -324,6 +338,19 @@ class ClusterKeys:
             else:
                 self._published.discard(key_id)
                 self._other_connections.pop(key_id, None)
+
+    async def _send(self, charges: Mapping[str, tuple[int, KeyLimits]], keys: list[str], activity: Mapping[str, KeyActivity]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key_id, (tokens, limits) in charges.items():
+                args = (tokens, f"{self.server_id}:{next(self._serial)}", int(bool(limits.tpm)), limits.budget_period_s if limits.budget_tokens else 0)
+                pipe.evalsha(self._charge.sha, 2, api_key_key(key_id, "tokens"), api_key_key(key_id, "budget"), *args)
+            for key_id in keys:
+                a = activity.get(key_id, KeyActivity(0, 0))
+                live = a.live_streams + self.checks_in_flight(key_id)
+                sync_keys = [api_key_key(key_id, part) for part in ("live", "conns", "servers")]
+                pipe.evalsha(self._sync.sha, 3, *sync_keys, self.server_id, live, a.connections, self._lease_ms)
+            results: list[Any] = await asyncio.wait_for(pipe.execute(), ADMIT_TIMEOUT_S)
+            return results
 
     async def mirror_revocations(self, revoked: Mapping[str, bool]) -> None:
         """Writes revocations read from this server's key store to Redis (those it lacks, or
@@ -338,7 +365,7 @@ class ClusterKeys:
                     pipe.hset(cluster_key("revoked"), key_id, flag)
                 await asyncio.wait_for(pipe.execute(), ADMIT_TIMEOUT_S)
         except Exception as exc:
-            raise StoreUnavailable(UNAVAILABLE_MESSAGE) from exc
+            raise unavailable(exc) from exc
 
     async def revocations(self) -> dict[str, bool]:
         """Every key revoked on any server -> whether its streams are to be cancelled.
@@ -346,7 +373,7 @@ class ClusterKeys:
         try:
             raw: dict[Any, Any] = await asyncio.wait_for(self._redis.hgetall(cluster_key("revoked")), ADMIT_TIMEOUT_S)
         except Exception as exc:
-            raise StoreUnavailable(UNAVAILABLE_MESSAGE) from exc
+            raise unavailable(exc) from exc
         return {_text(k): v == b"1" for k, v in raw.items()}
 
 

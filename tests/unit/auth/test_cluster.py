@@ -205,3 +205,21 @@ async def test_a_failing_check_refuses_as_internal_and_the_queue_goes_on():
         await asyncio.sleep(0)
     assert [sid for sid, _ in delivered] == ["bad", "good"]
     assert delivered[0][1].code is Code.INTERNAL and delivered[1][1] is None
+
+
+async def test_scripts_lost_by_redis_are_loaded_again(clients, redis_url):
+    a = clients("a")
+    key, limits = fresh_key(), KeyLimits(tpm=10, concurrency=5)
+    assert await a.admit(key, limits, 0) is None
+    await a.sync({key: KeyActivity(1, 0)})
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.script_flush()  # as after a restart without persistence
+        a.charge(key, 10, limits)
+        await a.sync({key: KeyActivity(1, 0)})  # not raised; the charge went out once
+        assert await r.hget(f"llmproxy:{{k:{key}}}:live", "a") == b"1"
+        refused = await a.admit(key, limits, 1)
+        assert isinstance(refused, KeyRateLimited)
+        assert await r.zcard(f"llmproxy:{{k:{key}}}:tokens") == 1
+    finally:
+        await r.aclose()
