@@ -17,7 +17,7 @@ revoked with `--cancel-streams`, whose running streams the servicer then ends.
 Across servers (`--store redis://`, server/auth/cluster.py). `watch` also mirrors the
 revocations of this server's key file into Redis and reads back every server's, so a key
 revoked on any server is refused by every other one (new connections and new starts) within
-two polls, and `--cancel-streams` ends its streams everywhere. The counters live in Redis:
+two polls (`CLUSTER_REVOCATION_POLL_S` apart), and `--cancel-streams` ends its streams everywhere. The counters live in Redis:
 admissions are `ClusterAdmission` coroutines (server/auth/admission.py), charges and this
 server's live streams and connections go out with `sync_cluster`.
 
@@ -42,6 +42,7 @@ UNAUTHENTICATED_MESSAGE = "a valid API key is required (authorization: Bearer <k
 REVOKED_MESSAGE = "this API key was revoked"
 REVOCATION_MAX_AGE_S = 0.5  # an admission reads the revocations again when they are older
 REVOCATION_POLL_S = 0.25  # how often `watch` reads them
+CLUSTER_REVOCATION_POLL_S = 0.1  # with Redis: two polls (this file's, then another server's) lie between a revoke and its refusal
 
 log = logging.getLogger("llmproxy.server")
 
@@ -154,9 +155,11 @@ class AuthPolicy:
                 log.debug("cannot share key revocations: %s", exc.__cause__)
         return self.read_revocations()
 
-    async def watch(self, cancel_streams: Callable[[str], None], interval_s: float = REVOCATION_POLL_S) -> None:
+    async def watch(self, cancel_streams: Callable[[str], None], interval_s: float | None = None) -> None:
         """Polls the revocations forever; calls `cancel_streams(key_id)` once for each key
         revoked with `--cancel-streams`. Cancelling it is safe."""
+        if interval_s is None:
+            interval_s = REVOCATION_POLL_S if self.cluster is None else CLUSTER_REVOCATION_POLL_S
         await self.poll_revocations()  # keys cancelled before this server started have no streams here
         while True:
             await asyncio.sleep(interval_s)

@@ -196,12 +196,15 @@ async def test_a_key_revoked_on_one_server_is_refused_by_the_others_within_a_sec
                 assert (await conn.end_of("before"))[0] == "done"
                 await conn.start("long", 1000)  # runs for 50 s unless cancelled
                 await conn.wait_started("long")
+            # Measured from the CLI's launch: the write happens somewhere before it exits, so
+            # these delays are upper bounds (they include the CLI's own ~0.15 s).
+            revoked_at = time.monotonic()
             out = subprocess.run(
                 [sys.executable, "-m", "server.auth.cli", "revoke", "--db", dbs[0], key_id, "--cancel-streams"],
                 cwd=ROOT, capture_output=True, text=True, timeout=30,
             )
-            revoked_at = time.monotonic()  # the CLI's write is committed before it exits
             assert out.returncode == 0, out.stderr
+            print(f"the CLI ran {time.monotonic() - revoked_at:.3f} s")
 
             async def new_connection_refused(target: str) -> float:
                 while (code := await refused_connection(target, key)) is None:
@@ -216,8 +219,9 @@ async def test_a_key_revoked_on_one_server_is_refused_by_the_others_within_a_sec
                     await conn.start(f"p{n}", 1)
                     end, seq = await conn.end_of(f"p{n}", 5.0)
                     if end != "done":
-                        assert (end, seq) == ("ERROR_CODE_UNAUTHENTICATED", 0)
-                        return time.monotonic() - revoked_at
+                        assert end == "ERROR_CODE_UNAUTHENTICATED", end
+                        if seq == 0:  # refused; a seq > 0 is a probe that started and was cancelled
+                            return time.monotonic() - revoked_at
                     assert time.monotonic() - revoked_at < 5, "never refused"
 
             async def streams_cancelled(conn: GrpcConn) -> float:
@@ -316,11 +320,11 @@ async def test_the_cli_revokes_in_redis_for_servers_whose_files_lack_it(redis_se
     key, key_id, dbs = make_key(tmp_path, 3, KeyLimits())
     with servers(redis_server.url, dbs[:2], *QUICK) as procs:  # the third copy is the operator's
         assert all([await refused_connection(p.address, key) is None for p in procs])
+        revoked_at = time.monotonic()  # from the CLI's launch: an upper bound
         out = subprocess.run(
             [sys.executable, "-m", "server.auth.cli", "revoke", "--db", dbs[2], key_id, "--store", redis_server.url],
             cwd=ROOT, capture_output=True, text=True, timeout=30,
         )
-        revoked_at = time.monotonic()
         assert out.returncode == 0, out.stderr
         for p in procs:
             while (code := await refused_connection(p.address, key)) is None:
