@@ -289,7 +289,8 @@ class ClusterKeys:
             f"{self.server_id}:{next(self._serial)}",
         )
         try:
-            verdict, retry_ms = await asyncio.wait_for(self._admit(keys=admit_keys(key_id), args=args), ADMIT_TIMEOUT_S)
+            async with asyncio.timeout(ADMIT_TIMEOUT_S):  # no extra task, unlike wait_for: this is the hot path
+                verdict, retry_ms = await self._admit(keys=admit_keys(key_id), args=args)
         except Exception as exc:
             raise unavailable(exc) from exc
         if limits.concurrency and verdict == b"ok":
