@@ -652,8 +652,9 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         live: dict[str, int] = {}
         for runtime in self._runtimes.values():
             session = runtime.session
-            if session.live_streams:
-                live[session.owner] = live.get(session.owner, 0) + session.live_streams
+            generating = session.generating_streams  # a stream followed from another server counts there
+            if generating:
+                live[session.owner] = live.get(session.owner, 0) + generating
         return live
 
     async def aclose(self) -> None:

@@ -115,7 +115,9 @@ class ClusterAdmission:
         if principal.limits.concurrency:
             # Checks of this key still in flight on this server count as live streams: two
             # connections of one key must not both take the last slot.
-            live = _live(self._runtimes.values(), key_id) - own + self._cluster.checks_in_flight(key_id)
+            # Only streams generated here: one followed from another server counts there.
+            own = own if frame.WhichOneof("kind") == "start" or self._session.generates(frame.modify.stream_id) else 0
+            live = _generating(self._runtimes.values(), key_id) - own + self._cluster.checks_in_flight(key_id)
         with self._cluster.in_flight(key_id):
             try:
                 return await self._cluster.admit(key_id, principal.limits, live)
@@ -176,3 +178,7 @@ class AdmissionQueue:
 
 def _live(runtimes: Iterable[_HasSession], key_id: str) -> int:
     return sum(r.session.live_streams for r in runtimes if r.session.owner == key_id)
+
+
+def _generating(runtimes: Iterable[_HasSession], key_id: str) -> int:
+    return sum(r.session.generating_streams for r in runtimes if r.session.owner == key_id)

@@ -237,6 +237,16 @@ class Session:
         """Frames are on their way to the shared store; they go out when it has them."""
         return bool(self._unpersisted) or self._in_flight > 0
 
+    @property
+    def generating_streams(self) -> int:
+        """Live streams this server generates (not those followed from another server): what
+        a key's concurrency counts here (server/auth/cluster.py)."""
+        return sum(1 for stream in self._streams.values() if not stream.remote)
+
+    def generates(self, stream_id: str) -> bool:
+        stream = self._streams.get(stream_id)
+        return stream is not None and not stream.remote
+
     def is_fresh(self) -> bool:
         """No stream has ever run here: the session may be swapped for a resumed one."""
         return not self._streams and not self._ended and self._next_auto_id == 1
