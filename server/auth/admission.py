@@ -113,9 +113,9 @@ class ClusterAdmission:
         key_id = principal.key_id
         live = 0
         if principal.limits.concurrency:
-            # Checks of this key still in flight on this server count as live streams: two
+            # Only streams generated here count here (one followed from another server counts
+            # there), and so do checks of this key still in flight on this server: two
             # connections of one key must not both take the last slot.
-            # Only streams generated here: one followed from another server counts there.
             own = own if frame.WhichOneof("kind") == "start" or self._session.generates(frame.modify.stream_id) else 0
             live = _generating(self._runtimes.values(), key_id) - own + self._cluster.checks_in_flight(key_id)
         with self._cluster.in_flight(key_id):

@@ -17,9 +17,10 @@ revoked with `--cancel-streams`, whose running streams the servicer then ends.
 Across servers (`--store redis://`, server/auth/cluster.py). `watch` also mirrors the
 revocations of this server's key file into Redis and reads back every server's, so a key
 revoked on any server is refused by every other one (new connections and new starts) within
-two polls (`CLUSTER_REVOCATION_POLL_S` apart), and `--cancel-streams` ends its streams everywhere. The counters live in Redis:
-admissions are `ClusterAdmission` coroutines (server/auth/admission.py), charges and this
-server's live streams and connections go out with `sync_cluster`.
+two polls (`CLUSTER_REVOCATION_POLL_S` apart), and `--cancel-streams` ends its streams
+everywhere. The counters live in Redis: admissions are `ClusterAdmission` coroutines
+(server/auth/admission.py), charges and this server's live streams and connections go out with
+`sync_cluster`.
 
 The clock is injected; the store is the only I/O (one SQLite read per call, and the polls).
 """
@@ -133,6 +134,9 @@ class AuthPolicy:
         """Reads the store's revocations; returns the keys newly marked to have their streams
         cancelled (by this store or, across servers, by any server's)."""
         self._read()
+        return self._newly_cancelled()
+
+    def _newly_cancelled(self) -> list[str]:
         # Reported from the merged answer, not from what `is_revoked` read in between: a cancel
         # read by an admission must still reach `watch`.
         merged = {**self._revoked, **{k: c or self._revoked.get(k, False) for k, c in self._cluster_revoked.items()}}
@@ -153,7 +157,7 @@ class AuthPolicy:
                 self._cluster_revoked = await cluster.revocations()
             except StoreUnavailable as exc:
                 log.debug("cannot share key revocations: %s", exc.__cause__)
-        return self.read_revocations()
+        return self._newly_cancelled()
 
     async def watch(self, cancel_streams: Callable[[str], None], interval_s: float | None = None) -> None:
         """Polls the revocations forever; calls `cancel_streams(key_id)` once for each key
