@@ -385,3 +385,29 @@ async def test_a_stream_followed_on_another_server_counts_once(redis_server, tmp
             assert not await admitted(second, "s3")
         finally:
             await second.close()
+
+
+# -- tokens charged on one server count on the others --------------------------------------------
+
+
+async def test_a_budget_spent_on_one_server_is_refused_on_another(redis_server, tmp_path):
+    key, _, dbs = make_key(tmp_path, 2, KeyLimits(budget_tokens=10))
+    with servers(redis_server.url, dbs, *QUICK) as (one, two):
+        a, b = GrpcConn(one.address, key), GrpcConn(two.address, key)
+        try:
+            await a.start("spend", 12)
+            assert (await a.end_of("spend"))[0] == "done"
+            # charged as server one reports the ended stream (~1 s) and syncs (0.5 s)
+            deadline, n = time.monotonic() + 10, 0
+            while True:
+                n += 1
+                await b.start(f"b{n}", 1)
+                end, seq = await b.end_of(f"b{n}")
+                if end != "done":
+                    assert (end, seq) == ("ERROR_CODE_QUOTA_EXCEEDED", 0)
+                    break
+                assert time.monotonic() < deadline, "server two never saw server one's tokens"
+                await asyncio.sleep(0.2)
+        finally:
+            await a.close()
+            await b.close()
