@@ -193,7 +193,7 @@ class AuthPolicy:
 
     def charge(self, key_id: str, tokens: int) -> None:
         """Counts completion tokens of an ended stream against the key's minute and budget."""
-        limits = self._limits.get(key_id)
+        limits = self._limits_of(key_id)
         if limits is None:
             return
         if self.cluster is not None:
@@ -201,9 +201,25 @@ class AuthPolicy:
         else:
             self._limiter.charge(key_id, tokens, limits, self._clock())
 
+    def _limits_of(self, key_id: str) -> KeyLimits | None:
+        """The key's limits: as seen at its last authentication here, else read from the key
+        store once (a session taken over from another server whose key never connected here)."""
+        limits = self._limits.get(key_id)
+        if limits is None and key_id and self.cluster is not None:
+            try:
+                record = self._store.get(key_id)
+            except sqlite3.Error as exc:
+                log.warning("cannot read key %s: %s", key_id, exc)
+                return None
+            if record is not None:
+                limits = self._limits[key_id] = record.limits
+        return limits
+
     def activity(self, live_streams: Mapping[str, int]) -> dict[str, KeyActivity]:
         """This server's live streams (`live_streams`: key id -> count) and connections of
         every key with a stream or connection limit, for `ClusterKeys.sync`."""
+        for key_id in live_streams.keys() - self._limits.keys():  # streams taken over from a dead server
+            self._limits_of(key_id)
         out: dict[str, KeyActivity] = {}
         for key_id, limits in self._limits.items():
             if limits.concurrency or limits.connections:

@@ -223,3 +223,20 @@ async def test_scripts_lost_by_redis_are_loaded_again(clients, redis_url):
         assert await r.zcard(f"llmproxy:{{k:{key}}}:tokens") == 1
     finally:
         await r.aclose()
+
+
+def test_streams_of_a_key_that_never_connected_here_are_published(tmp_path):
+    # A server that took over a dead server's session counts its key's streams, although the
+    # key never authenticated on it (its limits are read from the key store).
+    from server.auth.policy import AuthPolicy
+    from server.auth.store import KeyStore
+
+    store = KeyStore(str(tmp_path / "keys.sqlite3"))
+    try:
+        _, record = store.create("k", KeyLimits(concurrency=2, tpm=100))
+        policy = AuthPolicy(store, cluster=ClusterKeys(aioredis.Redis(), "s"))  # no I/O until used
+        assert policy.activity({record.key_id: 2, "unknown": 1}) == {record.key_id: KeyActivity(2, 0)}
+        policy.charge(record.key_id, 7)
+        assert policy.cluster._charges == {record.key_id: (7, record.limits)}
+    finally:
+        store.close()
