@@ -118,6 +118,10 @@ class SessionRuntime:
         refused = self.admit(frame) if self.admit is not None and frame.WhichOneof("kind") in ADMITTED else None
         self.receive_checked(frame, refused)
 
+    def checking(self) -> bool:
+        """Frames wait for their admission in Redis (the call must not end before they ran)."""
+        return self.admit_queue is not None and self.admit_queue.pending
+
     def receive_checked(self, frame: pb.ClientFrame, refused: ProxyError | None) -> None:
         if refused is not None:  # an error with seq 0, before any upstream call
             self.session.reject(stream_id_of(frame), refused)
@@ -296,7 +300,7 @@ class Connection:
                 self.write_since_ns = 0
                 if session.has_output():
                     self.notify()  # a replay goes out in pieces (Session.frames_to_send)
-            if not self._reading and session.live_streams == 0 and not session.has_output() and not session.awaiting_store():
+            if not self._reading and session.live_streams == 0 and not session.has_output() and not session.awaiting_store() and not runtime.checking():
                 return
 
 
@@ -652,9 +656,8 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         live: dict[str, int] = {}
         for runtime in self._runtimes.values():
             session = runtime.session
-            generating = session.generating_streams  # a stream followed from another server counts there
-            if generating:
-                live[session.owner] = live.get(session.owner, 0) + generating
+            if session.live_streams:  # generated here (a followed stream counts where it is generated)
+                live[session.owner] = live.get(session.owner, 0) + session.live_streams
         return live
 
     async def aclose(self) -> None:

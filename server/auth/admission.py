@@ -117,7 +117,7 @@ class ClusterAdmission:
             # there), and so do checks of this key still in flight on this server: two
             # connections of one key must not both take the last slot.
             own = own if frame.WhichOneof("kind") == "start" or self._session.generates(frame.modify.stream_id) else 0
-            live = _generating(self._runtimes.values(), key_id) - own + self._cluster.checks_in_flight(key_id)
+            live = _live(self._runtimes.values(), key_id) - own + self._cluster.checks_in_flight(key_id)
         with self._cluster.in_flight(key_id):
             try:
                 return await self._cluster.admit(key_id, principal.limits, live)
@@ -138,6 +138,11 @@ class AdmissionQueue:
         self._deliver = deliver
         self._pending: deque[pb.ClientFrame] = deque()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Frames wait for a check."""
+        return bool(self._pending)
 
     def feed(self, frame: pb.ClientFrame) -> None:
         if not self._pending and frame.WhichOneof("kind") not in ADMITTED:
@@ -178,7 +183,3 @@ class AdmissionQueue:
 
 def _live(runtimes: Iterable[_HasSession], key_id: str) -> int:
     return sum(r.session.live_streams for r in runtimes if r.session.owner == key_id)
-
-
-def _generating(runtimes: Iterable[_HasSession], key_id: str) -> int:
-    return sum(r.session.generating_streams for r in runtimes if r.session.owner == key_id)

@@ -237,13 +237,8 @@ class Session:
         """Frames are on their way to the shared store; they go out when it has them."""
         return bool(self._unpersisted) or self._in_flight > 0
 
-    @property
-    def generating_streams(self) -> int:
-        """Live streams this server generates (not those followed from another server): what
-        a key's concurrency counts here (server/auth/cluster.py)."""
-        return sum(1 for stream in self._streams.values() if not stream.remote)
-
     def generates(self, stream_id: str) -> bool:
+        """The live stream is generated here (not followed from another server)."""
         stream = self._streams.get(stream_id)
         return stream is not None and not stream.remote
 

@@ -411,3 +411,23 @@ async def test_a_budget_spent_on_one_server_is_refused_on_another(redis_server, 
         finally:
             await a.close()
             await b.close()
+
+
+# -- a call half-closed right after its start still gets the stream ----------------------------------
+
+
+async def test_a_start_then_half_close_is_answered_in_full(redis_server, tmp_path):
+    # The start is still being checked in Redis when the client's writes end: the call must not
+    # end before the stream has run (a half-closed call ends once its streams have).
+    key, _, dbs = make_key(tmp_path, 1, KeyLimits(rpm=1000))
+    with servers(redis_server.url, dbs, *QUICK) as (server,):
+        for i in range(20):
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                call = pb_grpc.LLMProxyStub(channel).Stream(metadata=(("authorization", f"Bearer {key}"),))
+                await call.write(start_of("h", 3))
+                await call.done_writing()
+                kinds = [f.WhichOneof("kind") async for f in call]
+            # Before the fix the call ended right after `session`. (Its `done` frame is a matter
+            # of the session store: with Redis sessions a half-closed call ends before the frames
+            # that still wait for their Redis write, with or without keys; reported to the lead.)
+            assert kinds[:2] == ["session", "started"], (i, kinds)
