@@ -49,6 +49,10 @@ def servers(redis_url: str, dbs: list[str], *extra: str) -> Iterator[list[Proc]]
         for db in dbs:
             started.append(start_server("--store", redis_url, "--auth-db", db, *extra))
         yield started
+    except BaseException:
+        for i, p in enumerate(started):  # shown by pytest with the failure
+            print(f"--- server {i + 1} log tail ---", *p.lines[-40:], sep="\n")
+        raise
     finally:
         for p in started:
             p.stop()
@@ -382,7 +386,9 @@ async def test_a_stream_followed_on_another_server_counts_once(redis_server, tmp
             assert second.resumed is not None, second.ends
             # server two follows s1, server one generates it: one live stream of two
             assert await admitted(second, "s2")
-            assert not await admitted(second, "s3")
+            refused = not await admitted(second, "s3")
+            assert "s1" not in second.ends, f"s1 ended early: {second.ends}"  # else the premise is gone
+            assert refused, second.ends
         finally:
             await second.close()
 
