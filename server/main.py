@@ -30,6 +30,7 @@ from server.analytics.metrics import Metrics
 from server.tracing import OtlpHttpExporter, Tracer
 from server.analytics.requestlog import RequestLog
 from server.analytics.sink import Analytics
+from server.auth.cluster import ClusterKeys
 from server.auth.policy import AuthPolicy
 from server.auth.store import KeyStore
 from server.cache.setup import build_cache
@@ -233,7 +234,8 @@ async def serve(options: Options) -> None:
     if options.otlp_endpoint:
         analytics.tracer = Tracer(OtlpHttpExporter(options.otlp_endpoint))
     key_store = KeyStore(options.auth_db) if options.auth_db else None
-    auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name()) if key_store is not None else None
+    cluster = ClusterKeys(store.redis, store.server_id) if isinstance(store, RedisStore) and key_store is not None else None
+    auth = AuthPolicy(key_store, keys_must_name=config.keys_must_name(), cluster=cluster) if key_store is not None else None
     cache = build_cache(config.config_path, catalog)  # issue 16: the response cache (None without `cache:`)
     if cache is not None:
         metrics.watch_cache(cache)
@@ -296,6 +298,8 @@ async def serve(options: Options) -> None:
         jobs.start("store-leases", shared.lease_loop)
     if auth is not None:  # revocations with --cancel-streams (server/auth/policy.py)
         jobs.start("revocations", lambda: auth.watch(servicer.cancel_key_streams))
+        if auth.cluster is not None:  # the key counters shared in Redis (server/auth/cluster.py)
+            jobs.start("key-counters", lambda: auth.sync_cluster(servicer.live_streams_by_key))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -34,7 +34,7 @@ from server.analytics.live import LiveWindow
 from server.analytics.metrics import Metrics
 from server.analytics.requestlog import GROUPS
 from server.analytics.sink import Analytics
-from server.auth.admission import ADMITTED, Admission, continuation, stream_id_of
+from server.auth.admission import ADMITTED, Admission, AdmissionQueue, ClusterAdmission, continuation, stream_id_of
 from server.auth.policy import REVOKED_MESSAGE, AuthPolicy, Principal
 from server.auth.tenancy import tenant_counts, tenant_view, watching
 from server.cache.cache import ResponseCache
@@ -103,6 +103,8 @@ class SessionRuntime:
         # With Redis (server/store/sessions.py): the driver that writes this session there.
         self.shared: RedisSessions | None = None
         self.sync = SyncState()
+        # Instead of `admit`, with the key's counters in Redis: checks are round trips, frames wait in order.
+        self.admit_queue: AdmissionQueue | None = None
 
     def feed_frame(self, frame: pb.ClientFrame) -> None:
         shared = self.shared
@@ -110,12 +112,21 @@ class SessionRuntime:
             self.session.reject(frame.start.stream_id, StoreUnavailable("the session store does not answer; try again shortly", retry_after_s=1.0))
             self.wake()
             return
-        if self.admit is not None and frame.WhichOneof("kind") in ADMITTED:
-            refused = self.admit(frame)
-            if refused is not None:  # an error with seq 0, before any upstream call
-                self.session.reject(stream_id_of(frame), refused)
-                self.wake()
-                return
+        if self.admit_queue is not None:
+            self.admit_queue.feed(frame)  # calls receive_checked, now or after the check
+            return
+        refused = self.admit(frame) if self.admit is not None and frame.WhichOneof("kind") in ADMITTED else None
+        self.receive_checked(frame, refused)
+
+    def checking(self) -> bool:
+        """Frames wait for their admission in Redis (the call must not end before they ran)."""
+        return self.admit_queue is not None and self.admit_queue.pending
+
+    def receive_checked(self, frame: pb.ClientFrame, refused: ProxyError | None) -> None:
+        if refused is not None:  # an error with seq 0, before any upstream call
+            self.session.reject(stream_id_of(frame), refused)
+            self.wake()
+            return
         self.session.receive_frame(frame, time.monotonic_ns())
         self.apply()
 
@@ -159,6 +170,8 @@ class SessionRuntime:
 
     async def aclose(self) -> None:
         """Cancels every upstream task and waits for their cleanup (closing HTTP responses)."""
+        if self.admit_queue is not None:
+            self.admit_queue.close()
         tasks = list(self._upstreams.values())
         for task in tasks:
             task.cancel()
@@ -180,6 +193,9 @@ class SessionRuntime:
                 async for event in events:
                     if tracer and trace and isinstance(event, Attempt):  # a retry or failover replaces a failed one
                         tracer.begin_attempt(trace, event.provider, event.upstream_model, event.deployment)
+                    if self.admit_queue is not None and type(event) is Routed and session.has_content(stream_id):
+                        refused = await self.admit_queue.check(continuation(stream_id))  # a continuation, checked in Redis
+                        event = event if refused is None else Failed(refused)
                     if not self.feed_event(stream_id, event):
                         attempt_error = None
                         return
@@ -284,7 +300,7 @@ class Connection:
                 self.write_since_ns = 0
                 if session.has_output():
                     self.notify()  # a replay goes out in pieces (Session.frames_to_send)
-            if not self._reading and session.live_streams == 0 and not session.has_output() and not session.awaiting_store():
+            if not self._reading and session.live_streams == 0 and not session.has_output() and not session.awaiting_store() and not runtime.checking():
                 return
 
 
@@ -427,7 +443,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
                 return False
             runtime.principal = current.principal
             if current.principal is not None:
-                runtime.admit = self._admission(current.principal, runtime.session)
+                self._admission(current.principal, runtime)
         session = runtime.session
         session.token = resume.resume_token
         session.restore_conversations(loaded.conversations)
@@ -616,18 +632,33 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
         if principal is not None:
             assert self._auth is not None
             self._auth.open_connection(principal)
-            runtime.admit = self._admission(principal, runtime.session)
+            self._admission(principal, runtime)
 
     def release_connection(self, principal: Principal | None) -> None:
         if principal is not None:
             assert self._auth is not None
             self._auth.close_connection(principal)
 
-    def _admission(self, principal: Principal, session: Session) -> Callable[[pb.ClientFrame], ProxyError | None]:
-        """The per-request check of one key: revocation, models, rates, budget, live streams."""
+    def _admission(self, principal: Principal, runtime: SessionRuntime) -> None:
+        """The per-request check of one key: revocation, models, rates, budget, live streams
+        (in Redis across servers: server/auth/cluster.py)."""
         auth = self._auth
         assert auth is not None
-        return Admission(auth, principal, session, self._runtimes)
+        if auth.cluster is None:
+            runtime.admit = Admission(auth, principal, runtime.session, self._runtimes)
+        else:
+            store = self._store
+            check = ClusterAdmission(auth, principal, runtime.session, self._runtimes, auth.cluster, lambda: store.healthy)
+            runtime.admit_queue = AdmissionQueue(check, runtime.receive_checked)
+
+    def live_streams_by_key(self) -> dict[str, int]:
+        """Live streams per API key on this server (for the counters shared across servers)."""
+        live: dict[str, int] = {}
+        for runtime in self._runtimes.values():
+            session = runtime.session
+            if session.live_streams:  # generated here (a followed stream counts where it is generated)
+                live[session.owner] = live.get(session.owner, 0) + session.live_streams
+        return live
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.aclose() for r in self._runtimes.values()))
@@ -657,7 +688,7 @@ class LLMProxyServicer(pb_grpc.LLMProxyServicer):  # type: ignore[misc]
             return
         runtime.principal = principal
         if principal is not None:
-            runtime.admit = self._admission(principal, runtime.session)
+            self._admission(principal, runtime)
         runtime.trace_parent = traceparent_of(context.invocation_metadata())
         connection = Connection(self, runtime, context)
         runtime.owner = connection

@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument(
         "--cancel-streams", action="store_true", help="also end the key's running streams (every server, within 1 s)"
     )
+    revoke.add_argument(
+        "--store",
+        default="",
+        help="also write the revocation to this redis:// store, for servers whose key files lack it (docs/cluster-limits.md)",
+    )
     args = parser.parse_args(argv)
     store = KeyStore(args.db)
     try:
@@ -65,7 +70,22 @@ def main(argv: list[str] | None = None) -> int:
                     f" connections={l.connections} budget={l.budget_tokens}/{l.budget_period_s}s"
                 )
         else:
-            if not store.revoke(args.key_id, args.cancel_streams):
+            changed = store.revoke(args.key_id, args.cancel_streams)
+            if args.store:  # shared: written even when this file had it already
+                from server.auth.cluster import revoke_in_redis
+
+                if args.key_id not in store.revocations():
+                    print(f"no key {args.key_id!r} in {args.db}", file=sys.stderr)
+                    return 1
+                import redis
+
+                try:
+                    revoke_in_redis(args.store, args.key_id, args.cancel_streams)
+                except redis.RedisError as exc:
+                    print(f"revoked in {args.db}, but the store did not take it ({type(exc).__name__}); the servers"
+                          " reading this file still refuse the key", file=sys.stderr)
+                    return 2
+            elif not changed:
                 print(f"no active key {args.key_id!r}", file=sys.stderr)
                 return 1
             print(f"revoked {args.key_id}" + (" and cancelled its streams" if args.cancel_streams else ""))

@@ -106,6 +106,11 @@ class KeyLimiter:
         if state is not None and state.connections > 0:
             state.connections -= 1
 
+    def connections(self, key_id: str) -> int:
+        """The key's open connections on this server."""
+        state = self._keys.get(key_id)
+        return state.connections if state is not None else 0
+
     def usage(self, key_id: str, now_s: float) -> tuple[int, int, int]:
         """(requests, tokens) in the last minute and tokens in the current budget period."""
         state = self._state(key_id)

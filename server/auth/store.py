@@ -106,6 +106,11 @@ class KeyStore:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
         return [_record(row) for row in rows]
 
+    def get(self, key_id: str) -> KeyRecord | None:
+        """The record of a key by its public id, revoked or not (never for authentication)."""
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return _record(row) if row is not None else None
+
     def revoke(self, key_id: str, cancel_streams: bool = False) -> bool:
         """Revokes a key by id; with `cancel_streams` the servers also end its running streams
         (allowed on a key revoked before). Returns whether anything changed."""

@@ -237,6 +237,11 @@ class Session:
         """Frames are on their way to the shared store; they go out when it has them."""
         return bool(self._unpersisted) or self._in_flight > 0
 
+    def generates(self, stream_id: str) -> bool:
+        """The live stream is generated here (not followed from another server)."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and not stream.remote
+
     def is_fresh(self) -> bool:
         """No stream has ever run here: the session may be swapped for a resumed one."""
         return not self._streams and not self._ended and self._next_auto_id == 1

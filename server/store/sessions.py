@@ -546,7 +546,7 @@ class RedisSessions:
         elif b"c" in fields:  # a cancel or modify from the server that holds the client
             runtime = self._runtime_of(fields[b"s"].decode())
             if runtime is not None:
-                runtime.feed_frame(pb.ClientFrame.FromString(fields[b"c"]))
+                runtime.receive_checked(pb.ClientFrame.FromString(fields[b"c"]), None)  # admitted where the client is
 
     # -- expiry ----------------------------------------------------------------------------------
 

@@ -60,3 +60,18 @@ def test_a_store_made_before_cancel_streams_gains_the_column(tmp_path):
     _, record = store.create("k", KeyLimits())
     assert store.revoke(record.key_id, cancel_streams=True) and store.revocations() == {record.key_id: True}
     store.close()
+
+
+def test_a_cancel_read_first_by_an_admission_still_reaches_the_watch(store):
+    # An admission refreshes the cached revocations; the keys to cancel are still reported to
+    # the next read of `watch` (they were lost when both shared one read).
+    now = [0.0]
+    policy = AuthPolicy(store, clock=lambda: now[0])
+    _, record = store.create("k", KeyLimits())
+    _, other = store.create("other", KeyLimits())
+    assert policy.read_revocations() == []
+    store.revoke(record.key_id, cancel_streams=True)
+    now[0] += REVOCATION_MAX_AGE_S
+    refused = policy.admit(Principal(other.key_id, other.limits), "demo", 0)  # reads the revocations
+    assert refused is None
+    assert policy.read_revocations() == [record.key_id]
