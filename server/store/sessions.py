@@ -128,13 +128,14 @@ return 0
 """
 
 
-def _pack_frames(frames: list[tuple[str, int, bytes, SessionRuntime, str]]) -> bytes:
-    """The records of `_WRITE_FRAMES`: key, entry id and frame, each length-prefixed."""
-    out = bytearray()
-    for key, seq, data, _, _ in frames:
-        k, i = key.encode(), f"{seq}-0".encode()
-        out += len(k).to_bytes(4, "big") + k + len(i).to_bytes(4, "big") + i + len(data).to_bytes(4, "big") + data
-    return bytes(out)
+def _pack_frames(frames: list[tuple[bytes, int, bytes, SessionRuntime, str]]) -> bytes:
+    """The records of `_WRITE_FRAMES`: key (already length-prefixed), entry id and frame, each
+    length-prefixed."""
+    parts: list[bytes] = []
+    for packed_key, seq, data, _, _ in frames:
+        i = b"%d-0" % seq
+        parts += (packed_key, len(i).to_bytes(4, "big"), i, len(data).to_bytes(4, "big"), data)
+    return b"".join(parts)
 
 
 def token_hash(token: str) -> bytes:
@@ -155,6 +156,7 @@ class SyncState:
     ttl_due_ms: int = 0
     close: bool = False
     untimed: set[str] = field(default_factory=set)  # streams whose frames key has no TTL yet
+    keys: dict[str, bytes] = field(default_factory=dict)  # stream id -> its frames key, length-prefixed
 
 
 @dataclass(slots=True)
@@ -185,7 +187,7 @@ class _Batch:
     retried: bool = False  # released before Redis confirmed it: a refused frame was written before
 
     # the frames, written by one script call between the commands before and after them
-    frames: list[tuple[str, int, bytes, SessionRuntime, str]] = field(default_factory=list)
+    frames: list[tuple[bytes, int, bytes, SessionRuntime, str]] = field(default_factory=list)
     after: list[tuple[Any, ...]] = field(default_factory=list)  # commands after the frames
 
     def add(self, tag: tuple[str, Any] | None, *command: Any) -> None:
@@ -229,6 +231,7 @@ class RedisSessions:
         self._inbox = cluster_key("inbox", self.me)
         self._inbox_last = b"0-0"
         self._servers = cluster_key("servers")
+        self._mine = cluster_key("server", self.me, "streams")
         self._attach = self.redis.register_script(_ATTACH)
         self._detach = self.redis.register_script(_DETACH)
         self._claim = self.redis.register_script(_CLAIM)
@@ -373,22 +376,28 @@ class RedisSessions:
         changes = session.take_changes()
         if changes.frames:
             batch.released.append((runtime, changes.frames))
-        mine = cluster_key("server", self.me, "streams")
+        mine = self._mine
         for stream in changes.started:
             batch.add(None, "HSET", session_key(sid, "streams"), stream.id, dump_request(stream.request, stream.conversation))
             batch.add(None, "HSET", session_key(sid, "owner"), stream.id, self.me)
             batch.add(None, "SADD", mine, sid.encode() + SEP + stream.id.encode())
             state.untimed.add(stream.id)
+        keys = state.keys
+        add_frame = batch.frames.append
         for stream, frames in changes.frames:
-            key = frames_key(sid, stream.id)
+            packed_key = keys.get(stream.id)
+            if packed_key is None:
+                k = frames_key(sid, stream.id).encode()
+                packed_key = keys[stream.id] = len(k).to_bytes(4, "big") + k
             for frame in frames:
                 seq = getattr(frame, frame.WhichOneof("kind")).seq
-                batch.frames.append((key, seq, frame.SerializeToString(), runtime, stream.id))
+                add_frame((packed_key, seq, frame.SerializeToString(), runtime, stream.id))
             if stream.id in state.untimed or state.ttl_due_ms <= now_ms:
                 state.untimed.discard(stream.id)
-                batch.after.append(("PEXPIRE", key, self._ttl_ms))
+                batch.after.append(("PEXPIRE", frames_key(sid, stream.id), self._ttl_ms))
         after = batch.after
         for stream in changes.ended:
+            keys.pop(stream.id, None)
             after.append(("script", self._release_owner, [session_key(sid, "owner")], [stream.id, self.me]))
             after.append(("SREM", mine, sid.encode() + SEP + stream.id.encode()))
             after.append(("PEXPIRE", frames_key(sid, stream.id), self._ttl_ms))
