@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
 
 import grpc
 import httpx
-import pytest
 
 from llmproxy.v1 import llmproxy_pb2 as pb
 from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
-from tests.support.procs import ROOT, start_bridge, start_server
+from tests.support.procs import ROOT, start_server
+from tests.support.polling import eventually
 
 PACE = ("--demo-ttft-ms", "40", "--demo-tokens-per-s", "200", "--demo-jitter", "0.1")
 
@@ -57,20 +56,6 @@ async def run_streams(target: str, n: int, max_tokens: int = 20) -> list[tuple[f
                 sid = frame.done.stream_id
                 out.append(((firsts[sid] - starts[sid]) * 1000, (now - starts[sid]) * 1000, frame.done, rtt))
     return out
-
-
-async def eventually(get, ok, what: str, timeout_s: float = 10.0):
-    """Polls `get()` (a function or a coroutine function) until `ok(value)`; fails after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = get()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {timeout_s} s; last: {value!r}"[:2000])
-        await asyncio.sleep(0.05)
 
 
 async def test_metrics_stats_and_the_cli(tmp_path):

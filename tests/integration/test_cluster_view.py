@@ -8,6 +8,7 @@ view within a bound, and each process keeps its own `/metrics`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,6 +23,10 @@ from llmproxy.v1 import llmproxy_pb2_grpc as pb_grpc
 from server.auth.limits import KeyLimits
 from server.auth.store import KeyStore
 from tests.support.procs import Proc, start_bridge, start_server
+from tests.support.polling import eventually as poll
+
+# this file's waits: 15 s, polled every 0.1 s
+eventually = functools.partial(poll, timeout_s=15.0, every_s=0.1)
 
 PACE = ("--demo-ttft-ms", "5", "--demo-tokens-per-s", "200", "--demo-jitter", "0.1")
 LIVE_TTL_S = 3.0  # server/analytics/cluster.py ClusterSettings.live_ttl_s
@@ -57,19 +62,6 @@ async def run_streams(target: str, n: int, max_tokens: int, key: str | None = No
                 tokens += frame.done.usage.completion_tokens
         await call.done_writing()
     return tokens
-
-
-async def eventually(get: Callable[[], object], ok: Callable[[object], bool], what: str, timeout_s: float = 15.0) -> object:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = get()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {timeout_s} s; last: {value!r}"[:3000])
-        await asyncio.sleep(0.1)
 
 
 async def snapshot(target: str, key: str | None = None) -> pb.StatsSnapshot:
